@@ -1,0 +1,31 @@
+"""bixse-jax: dense-retrieval training with BiXSE (sigmoid BCE on graded targets) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="bixse-jax",
+    version="0.1.0",
+    description="Train sentence-embedding models with BiXSE: pointwise sigmoid BCE against graded "
+    "relevance targets over in-batch similarity matrices, on JAX device meshes.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["bixse_jax", "bixse_jax.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "ml_collections>=1.0",
+        "absl-py",
+        "numpy>=1.26",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "tensorboardX>=2.6",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "scipy>=1.11"],
+    },
+    entry_points={"console_scripts": ["bixse-jax=bixse_jax.cli:main"]},
+)
