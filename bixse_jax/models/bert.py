@@ -1,0 +1,234 @@
+"""BERT-family encoder (BERT, MiniLM, RoBERTa, XLM-RoBERTa) in Flax Linen.
+
+The parameter tree is exactly HuggingFace's Flax layout (`embeddings/word_embeddings/embedding`,
+`encoder/layer/0/attention/self/query/kernel`, ...), so HF weights load by name and an export is a
+plain msgpack of these params. The pooler head is left out: sentence embeddings never use it.
+
+Parameters stay float32 (master weights); `dtype` sets the compute dtype (e.g. bfloat16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Architecture of a BERT-family encoder, read from a HuggingFace `config.json`."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 12
+    intermediate_size: int = 1536
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    hidden_dropout_prob: float = 0.1
+    model_type: str = "bert"
+    # Training-time choices, not part of the HF architecture.
+    dtype: str = "float32"  # compute dtype
+    remat: str = "none"  # a key of REMAT_POLICIES
+    attention_impl: str | None = None  # None (XLA's choice), "xla" or "cudnn"
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {self.model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+
+    @property
+    def position_offset(self) -> int:
+        """RoBERTa-style models number positions from pad_token_id + 1."""
+        return self.pad_token_id + 1 if self.model_type in ("roberta", "xlm-roberta") else 0
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], **overrides: Any) -> "EncoderConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in hf.items() if k in names}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json_file(cls, path: str | pathlib.Path, **overrides: Any) -> "EncoderConfig":
+        path = pathlib.Path(path)
+        try:
+            hf = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read the model config: {e}") from e
+        try:
+            return cls.from_hf_dict(hf, **overrides)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from e
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The architecture fields, in HF's config.json vocabulary."""
+        skip = {"dtype", "remat", "attention_impl"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+
+
+def _dense(cfg: EncoderConfig, features: int, name: str) -> nn.Dense:
+    return nn.Dense(features, dtype=cfg.dtype, param_dtype=jnp.float32,
+                    kernel_init=nn.initializers.normal(0.02), name=name)
+
+
+def _layer_norm(cfg: EncoderConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=jnp.float32, name=name)
+
+
+class Embeddings(nn.Module):
+    config: EncoderConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+                 token_type_ids: jax.Array) -> jax.Array:
+        cfg = self.config
+        embed = lambda n, name: nn.Embed(n, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02),
+                                         param_dtype=jnp.float32, dtype=cfg.dtype, name=name)
+        if cfg.position_offset:  # RoBERTa: positions count real tokens only, after the offset.
+            position_ids = jnp.cumsum(attention_mask, axis=1) * attention_mask + cfg.pad_token_id
+        else:
+            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        x = (embed(cfg.vocab_size, "word_embeddings")(input_ids)
+             + embed(cfg.max_position_embeddings, "position_embeddings")(position_ids)
+             + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
+        x = _layer_norm(cfg, "LayerNorm")(x)
+        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=self.deterministic)
+
+
+class SelfAttention(nn.Module):
+    config: EncoderConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        cfg = self.config
+        heads, head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+        split = lambda t: t.reshape(t.shape[:2] + (heads, head_dim))
+        q, k, v = (split(_dense(cfg, cfg.hidden_size, n)(x)) for n in ("query", "key", "value"))
+        mask = attention_mask[:, None, None, :].astype(bool)  # [B, 1 (heads), 1 (queries), T]
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
+        return out.reshape(out.shape[:2] + (cfg.hidden_size,))
+
+
+class AttentionOutput(nn.Module):
+    """Dense + dropout + residual LayerNorm (HF's `attention/output` and `output` blocks)."""
+    config: EncoderConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, residual: jax.Array) -> jax.Array:
+        cfg = self.config
+        x = _dense(cfg, cfg.hidden_size, "dense")(x)
+        x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=self.deterministic)
+        return _layer_norm(cfg, "LayerNorm")(x + residual)
+
+
+class Attention(nn.Module):
+    config: EncoderConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        attended = SelfAttention(self.config, name="self")(x, attention_mask)
+        return AttentionOutput(self.config, self.deterministic, name="output")(attended, x)
+
+
+class Intermediate(nn.Module):
+    config: EncoderConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        return _ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "dense")(x))
+
+
+class Layer(nn.Module):
+    config: EncoderConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        x = Attention(self.config, self.deterministic, name="attention")(x, attention_mask)
+        h = Intermediate(self.config, name="intermediate")(x)
+        return AttentionOutput(self.config, self.deterministic, name="output")(h, x)
+
+
+class LayerStack(nn.Module):
+    """HF's `encoder/layer/<i>` naming; optional per-layer rematerialisation."""
+    config: EncoderConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        cfg = self.config
+        layer_cls = Layer
+        if cfg.remat != "none":
+            layer_cls = nn.remat(Layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
+        for i in range(cfg.num_hidden_layers):
+            x = layer_cls(cfg, self.deterministic, name=str(i))(x, attention_mask)
+        return x
+
+
+class BertModel(nn.Module):
+    """Token states of a BERT-family encoder; params under `embeddings` and `encoder/layer/*`."""
+    config: EncoderConfig
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+                 token_type_ids: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x = Embeddings(self.config, deterministic, name="embeddings")(input_ids, attention_mask, token_type_ids)
+        return _Encoder(self.config, deterministic, name="encoder")(x, attention_mask)
+
+
+class _Encoder(nn.Module):
+    config: EncoderConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        return LayerStack(self.config, self.deterministic, name="layer")(x, attention_mask)
+
+
+def init_params(config: EncoderConfig, rng: jax.Array) -> dict:
+    """Random float32 parameters (for tests and from-scratch benchmarks)."""
+    ids = jnp.zeros((1, 8), jnp.int32)
+    return BertModel(config).init(rng, ids, jnp.ones_like(ids))["params"]
+
+
+def param_shapes(config: EncoderConfig) -> dict:
+    """Shapes and dtypes of the parameter tree, without allocating it."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
