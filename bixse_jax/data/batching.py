@@ -1,0 +1,244 @@
+"""Tokenisation, length buckets and deterministic, stateless global batches.
+
+Every process holds the whole (tokenised) data set and computes global batch
+`step` from (seed, step) alone, then keeps its own contiguous slice. Hence:
+  * resume is exact: the iterator position is just the step number;
+  * all processes agree on padded shapes, because the bucket is chosen from
+    the longest sequence in the *global* batch, not the local slice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Iterator, Sequence
+
+import numpy as np
+import tokenizers
+import tqdm
+
+from bixse_jax.data.sources import GradedPair
+
+_ENCODE_CHUNK = 2048
+_PAD_TOKENS = ("[PAD]", "<pad>")
+# vocab.txt gives a BertWordPieceTokenizer wrapper; it has the same methods we use.
+_AnyTokenizer = tokenizers.Tokenizer | tokenizers.implementations.BaseTokenizer
+
+
+class Tokenizer:
+    """A `tokenizers` tokenizer with padding off and explicit truncation."""
+
+    def __init__(self, tok: _AnyTokenizer, *, pad_id: int | None = None):
+        if pad_id is None:
+            pad_id = _find_pad_id(tok)
+        # Padding is ours (to length buckets); a tokenizer.json often fixes it to 128.
+        tok.no_padding()
+        tok.no_truncation()
+        self._tok = tok
+        self.pad_id: int = pad_id
+        self.vocab_size: int = tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_model_dir(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Loads tokenizer.json, else builds a WordPiece tokenizer from vocab.txt."""
+        path = pathlib.Path(path)
+        if (path / "tokenizer.json").is_file():
+            return cls(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")))
+        if (path / "vocab.txt").is_file():
+            lowercase = True
+            config = path / "tokenizer_config.json"
+            if config.is_file():
+                lowercase = bool(json.loads(config.read_text()).get("do_lower_case", True))
+            wordpiece = tokenizers.BertWordPieceTokenizer(
+                str(path / "vocab.txt"), lowercase=lowercase)
+            return cls(wordpiece)
+        raise FileNotFoundError(
+            f"{path}: no tokenizer found (expected tokenizer.json or vocab.txt)")
+
+    def encode(self, texts: Sequence[str], max_len: int) -> list[np.ndarray]:
+        """Token ids with special tokens, truncated to max_len (final [SEP] kept)."""
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        if not texts:
+            return []
+        self._tok.enable_truncation(max_length=max_len)
+        try:
+            encodings = self._tok.encode_batch(list(texts))
+        finally:
+            self._tok.no_truncation()
+        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+
+    def check_vocab(self, model_vocab_size: int, source: str) -> None:
+        """Fails early when the tokenizer can emit ids the embedding table lacks."""
+        largest = max(self._tok.get_vocab(with_added_tokens=True).values())
+        if largest >= model_vocab_size:
+            raise ValueError(
+                f"{source}: tokenizer emits ids up to {largest} but the model's "
+                f"vocab_size is {model_vocab_size}; tokenizer and checkpoint do not match")
+
+
+def _find_pad_id(tok: _AnyTokenizer) -> int:
+    if tok.padding is not None:
+        return int(tok.padding["pad_id"])
+    for token in _PAD_TOKENS:
+        token_id = tok.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    return 0
+
+
+def pad_batch(seqs: Sequence[np.ndarray], length: int,
+              pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads to a fixed length; returns (ids, attention_mask), both int32 [n, length]."""
+    ids = np.full((len(seqs), length), pad_id, dtype=np.int32)
+    mask = np.zeros((len(seqs), length), dtype=np.int32)
+    for row, seq in enumerate(seqs):
+        if len(seq) > length:
+            raise ValueError(f"sequence of length {len(seq)} does not fit in {length}")
+        ids[row, :len(seq)] = seq
+        mask[row, :len(seq)] = 1
+    return ids, mask
+
+
+def bucket_length(max_len_in_batch: int, buckets: Sequence[int], cap: int) -> int:
+    """Smallest bucket >= max_len_in_batch, never above cap; cap is always a bucket.
+
+    Few distinct shapes means few XLA recompilations; short batches stay cheap.
+    """
+    if max_len_in_batch > cap:
+        raise ValueError(f"length {max_len_in_batch} exceeds the cap {cap}")
+    for bucket in sorted(buckets):
+        if max_len_in_batch <= bucket <= cap:
+            return bucket
+    return cap
+
+
+def _dense_index(keys: Sequence[str]) -> np.ndarray:
+    """Maps strings to ints in first-appearance order."""
+    index: dict[str, int] = {}
+    return np.asarray([index.setdefault(k, len(index)) for k in keys], dtype=np.int32)
+
+
+class _TokenTable:
+    """Each distinct text tokenised once; pairs refer to rows by index."""
+
+    def __init__(self, texts: Sequence[str], tokenizer: Tokenizer, max_len: int,
+                 desc: str, show_progress: bool):
+        self.row_of_pair = _dense_index(texts)
+        unique = list(dict.fromkeys(texts))
+        self.tokens: list[np.ndarray] = []
+        with tqdm.tqdm(total=len(unique), desc=desc, unit="text",
+                       disable=not show_progress) as progress:
+            for start in range(0, len(unique), _ENCODE_CHUNK):
+                chunk = unique[start:start + _ENCODE_CHUNK]
+                self.tokens.extend(tokenizer.encode(chunk, max_len))
+                progress.update(len(chunk))
+        self.lengths = np.asarray([len(t) for t in self.tokens], dtype=np.int32)
+
+    def pair_lengths(self, pair_indices: np.ndarray) -> np.ndarray:
+        return self.lengths[self.row_of_pair[pair_indices]]
+
+    def pair_tokens(self, pair_indices: np.ndarray) -> list[np.ndarray]:
+        return [self.tokens[r] for r in self.row_of_pair[pair_indices]]
+
+
+class PairBatcher:
+    """Deterministic global batches of graded pairs; each process gets its slice.
+
+    Global batch `step` is drawn without replacement from epoch `step // spe`,
+    whose order is `default_rng([seed, epoch]).permutation(num_pairs)`; the
+    remainder of each epoch is dropped.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[GradedPair],
+        tokenizer: Tokenizer,
+        *,
+        global_batch_size: int,
+        query_max_len: int,
+        doc_max_len: int,
+        buckets: Sequence[int] = (16, 32, 64, 128, 256, 512),
+        seed: int = 0,
+        query_prefix: str = "",
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        if process_index is None or process_count is None:
+            import jax  # pylint: disable=import-outside-toplevel  # Only when needed.
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        if global_batch_size <= 0 or global_batch_size % process_count:
+            raise ValueError(f"global_batch_size {global_batch_size} must be a positive "
+                             f"multiple of process_count {process_count}")
+        if len(pairs) < global_batch_size:
+            raise ValueError(f"{len(pairs)} pairs are fewer than one global batch "
+                             f"({global_batch_size})")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.num_pairs = len(pairs)
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // process_count
+        self.steps_per_epoch = self.num_pairs // global_batch_size
+        self.process_index = process_index
+        self.query_max_len, self.doc_max_len = query_max_len, doc_max_len
+        self._buckets = tuple(buckets)
+        self._seed = seed
+        self._pad_id = tokenizer.pad_id
+        show = process_index == 0
+        self._queries = _TokenTable([(p.instruction or query_prefix) + p.query for p in pairs],
+                                    tokenizer, query_max_len, "tokenising queries", show)
+        self._docs = _TokenTable([p.document for p in pairs], tokenizer, doc_max_len,
+                                 "tokenising documents", show)
+        self._query_ids = _dense_index([p.query_id for p in pairs])
+        self._doc_ids = _dense_index([p.doc_id for p in pairs])
+        self._grades = np.asarray([p.score for p in pairs], dtype=np.float32)
+        self._perm_cache: tuple[int, np.ndarray] | None = None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            perm = np.random.default_rng([self._seed, epoch]).permutation(self.num_pairs)
+            self._perm_cache = (epoch, perm)
+        return self._perm_cache[1]
+
+    def global_indices(self, step: int) -> np.ndarray:
+        """Pair indices of global batch `step`, in batch order."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        epoch, within = divmod(step, self.steps_per_epoch)
+        size = self.global_batch_size
+        return self._permutation(epoch)[within * size:(within + 1) * size]
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's slice of global batch `step`, padded to global bucket lengths."""
+        indices = self.global_indices(step)
+        q_len = bucket_length(int(self._queries.pair_lengths(indices).max()),
+                              self._buckets, self.query_max_len)
+        d_len = bucket_length(int(self._docs.pair_lengths(indices).max()),
+                              self._buckets, self.doc_max_len)
+        start = self.process_index * self.local_batch_size
+        local = indices[start:start + self.local_batch_size]
+        q_ids, q_mask = pad_batch(self._queries.pair_tokens(local), q_len, self._pad_id)
+        d_ids, d_mask = pad_batch(self._docs.pair_tokens(local), d_len, self._pad_id)
+        return {
+            "query_input_ids": q_ids,
+            "query_attention_mask": q_mask,
+            "doc_input_ids": d_ids,
+            "doc_attention_mask": d_mask,
+            "query_ids": self._query_ids[local],
+            "doc_ids": self._doc_ids[local],
+            "grades": self._grades[local],
+        }
+
+    def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Yields batch(start_step), batch(start_step + 1), ... without end."""
+        step = start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self.iterate(0)
