@@ -1,52 +1,31 @@
-"""`bixse-jax COMMAND ...`: argument parsing only; the work lives in the modules it calls.
+"""`bixse-jax COMMAND ...`: dispatch only; each command parses its own flags in bixse_jax/commands/.
 
   bixse-jax train --config configs/demo.py --workdir DIR [--config.KEY=VALUE ...]
+  bixse-jax COMMAND --help      flags of one command
 """
 
 from __future__ import annotations
 
-import json
+import importlib
+import pkgutil
 import sys
 
-COMMANDS = ("train",)
+import bixse_jax.commands
 
 
-def _train(argv: list[str]) -> None:
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flag = config_flags.DEFINE_config_file("config", None, "Python config file (configs/*.py).",
-                                                  lock_config=True)
-    workdir_flag = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, TensorBoard.")
-    distributed_flag = flags.DEFINE_bool("jax_distributed", False,
-                                         "Call jax.distributed.initialize() first (multi-host runs).")
-    flags.mark_flags_as_required(["config", "workdir"])
-
-    def main(args: list[str]) -> None:
-        if len(args) > 1:
-            raise app.UsageError(f"unexpected arguments: {args[1:]}")
-        import jax
-        from absl import logging
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-        if distributed_flag.value:
-            jax.distributed.initialize()
-        from bixse_jax.train import train
-        summary, _ = train(config_flag.value, workdir_flag.value)
-        print(json.dumps(summary, indent=2))
-
-    app.run(main, argv=argv)
+def available_commands() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(bixse_jax.commands.__path__) if not m.name.startswith("_"))
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
-    if len(argv) < 2 or argv[1] in ("-h", "--help") or argv[1] not in COMMANDS:
+    commands = available_commands()
+    if len(argv) < 2 or argv[1] not in commands:
         print(__doc__.strip(), file=sys.stderr)
-        print(f"\ncommands: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"\ncommands: {', '.join(commands)}", file=sys.stderr)
         sys.exit(0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2)
-    command = argv[1]
-    rest = [f"{argv[0]} {command}"] + argv[2:]
-    if command == "train":
-        _train(rest)
+    module = importlib.import_module(f"bixse_jax.commands.{argv[1]}")
+    module.main([f"{argv[0]} {argv[1]}"] + argv[2:])
 
 
 if __name__ == "__main__":

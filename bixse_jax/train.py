@@ -103,20 +103,28 @@ def batch_targets(batch: Batch, loss_cfg: ml_collections.ConfigDict) -> tuple[ja
     return targets, labelled, mask
 
 
-def make_loss_fn(encoder: SentenceEncoder, loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None,
-                 use_dropout: bool) -> Callable[[dict, Batch, jax.Array], tuple[jax.Array, Metrics]]:
+def make_embed_fn(encoder: SentenceEncoder, use_dropout: bool
+                  ) -> Callable[[dict, jax.Array, jax.Array, jax.Array], jax.Array]:
+    """(encoder params, ids, mask, dropout rng) -> [n, H] embeddings; dropout only if the model has it."""
+    def embed(params: dict, ids: jax.Array, mask: jax.Array, rng: jax.Array) -> jax.Array:
+        return encoder(params, ids, mask, dropout_rng=rng if use_dropout else None)
+    return embed
+
+
+def make_embedding_loss_fn(loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None
+                           ) -> Callable[[dict, jax.Array, jax.Array, Batch], tuple[jax.Array, Metrics]]:
+    """(params, query embeddings, doc embeddings, batch) -> (loss, metrics) over the global batch.
+
+    Split from the encoder so that gradient caching can call it on embeddings computed without
+    activations, and differentiate it with respect to the embeddings and t, b alone.
+    """
     loss_name = loss_cfg.name
     if loss_name not in LOSSES:
         raise ValueError(f"loss.name {loss_name!r} is not one of {sorted(LOSSES)}")
     loss_impl = LOSSES[loss_name]
     extra = {"threshold": loss_cfg.infonce_threshold} if loss_name == "infonce" else {}
 
-    def loss_fn(params: dict, batch: Batch, dropout_rng: jax.Array) -> tuple[jax.Array, Metrics]:
-        q_rng, d_rng = jax.random.split(dropout_rng)
-        q = encoder(params["encoder"], batch["query_input_ids"], batch["query_attention_mask"],
-                    dropout_rng=q_rng if use_dropout else None)
-        d = encoder(params["encoder"], batch["doc_input_ids"], batch["doc_attention_mask"],
-                    dropout_rng=d_rng if use_dropout else None)
+    def embedding_loss(params: dict, q: jax.Array, d: jax.Array, batch: Batch) -> tuple[jax.Array, Metrics]:
         scores = q @ d.T  # [B, B]: every query against every document of the global batch
         if mesh is not None:
             scores = jax.lax.with_sharding_constraint(scores, NamedSharding(mesh, P(parallel.DATA_AXIS, None)))
@@ -138,6 +146,21 @@ def make_loss_fn(encoder: SentenceEncoder, loss_cfg: ml_collections.ConfigDict, 
             "negative_logit": jnp.sum(jnp.where(negative, logits, 0.0)) / jnp.maximum(negative.sum(), 1),
         }
         return loss, metrics
+
+    return embedding_loss
+
+
+def make_loss_fn(encoder: SentenceEncoder, loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None,
+                 use_dropout: bool) -> Callable[[dict, Batch, jax.Array], tuple[jax.Array, Metrics]]:
+    """(params, batch, dropout rng) -> (loss, metrics): embed both sides, then the embedding loss."""
+    embed = make_embed_fn(encoder, use_dropout)
+    embedding_loss = make_embedding_loss_fn(loss_cfg, mesh)
+
+    def loss_fn(params: dict, batch: Batch, dropout_rng: jax.Array) -> tuple[jax.Array, Metrics]:
+        q_rng, d_rng = jax.random.split(dropout_rng)
+        q = embed(params["encoder"], batch["query_input_ids"], batch["query_attention_mask"], q_rng)
+        d = embed(params["encoder"], batch["doc_input_ids"], batch["doc_attention_mask"], d_rng)
+        return embedding_loss(params, q, d, batch)
 
     return loss_fn
 
