@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 100
     c.train.keep_checkpoints = 3
     c.train.async_checkpoints = True
+    c.train.on_nonfinite = "skip"  # skip: drop the update and log the batch; stop: raise
 
     c.eval = ml_collections.ConfigDict()
     c.eval.kind = "demo"  # demo | beir | sts | none
@@ -76,5 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.ks = (10, 100)
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # devices on the data axis; -1: all
+    c.mesh.data = -1  # devices on the data axis; -1: all that fsdp leaves
+    c.mesh.fsdp = 1  # devices that also split parameters and optimiser state
+    # logical parameter axis -> mesh axis (None: replicated); see bixse_jax/parallel.py
+    c.mesh.logical_axis_rules = (("embed", "fsdp"), ("vocab", None), ("mlp", None), ("heads", None))
     return c

@@ -11,12 +11,9 @@ import pathlib
 from typing import Callable
 
 import ml_collections
-import numpy as np
 
 from bixse_jax.data import sources
 from bixse_jax.data.batching import PairBatcher, Tokenizer
-from bixse_jax.eval import metrics
-from bixse_jax.eval.encode import encode_texts
 from bixse_jax.models import hf_io
 from bixse_jax.models.encoder import SentenceEncoder
 
@@ -59,54 +56,51 @@ def load_train_pairs(cfg: ml_collections.ConfigDict) -> list[sources.GradedPair]
     return sources.load_pairs(cfg.kind, cfg.path, **kwargs)
 
 
-def make_batcher(config: ml_collections.ConfigDict, model: LoadedModel) -> PairBatcher:
+def make_batcher(config: ml_collections.ConfigDict, model: LoadedModel,
+                 pairs: list[sources.GradedPair] | None = None) -> PairBatcher:
     data = config.data
-    return PairBatcher(load_train_pairs(data), model.tokenizer,
+    pairs = load_train_pairs(data) if pairs is None else pairs
+    return PairBatcher(pairs, model.tokenizer,
                        global_batch_size=config.train.global_batch_size,
                        query_max_len=data.query_max_len, doc_max_len=data.doc_max_len,
                        buckets=tuple(data.buckets), seed=config.seed, query_prefix=config.model.query_prefix)
 
 
 def make_evaluator(config: ml_collections.ConfigDict, model: LoadedModel) -> Evaluator | None:
-    """A function params -> metrics for `eval.kind` (demo / beir / sts), or None for 'none'."""
+    """A function params -> metrics for `eval.kind` (demo / beir / rerank / sts), or None for 'none'.
+
+    Data are read and validated here, once; each call only encodes and scores (bixse_jax.eval.evaluate).
+    `rerank` re-ranks each query's candidate pool: `eval.run_file` names a TREC run, or is 'qrels'
+    (the default) for the judged documents, as TREC-DL 2019 needs.
+    """
+    from bixse_jax.eval import evaluate, run_files
+
     cfg = config.eval
-    encode = lambda params, texts, max_len, prefix="": encode_texts(
-        model.encoder, params, model.tokenizer, list(texts), max_len=max_len,
-        batch_size=cfg.batch_size, prefix=prefix)
-    prefix = config.model.query_prefix
     if cfg.kind == "none":
         return None
+    enc = evaluate.TextEncoder(model.encoder, model.params, model.tokenizer,
+                               query_max_len=config.data.query_max_len, doc_max_len=config.data.doc_max_len,
+                               query_prefix=config.model.query_prefix, batch_size=cfg.batch_size)
     if cfg.kind == "sts":
         pairs = sources.read_sts(cfg.path)
-
-        def evaluate_sts(params: dict) -> dict[str, float]:
-            a = encode(params, [p.query for p in pairs], config.data.query_max_len)
-            b = encode(params, [p.document for p in pairs], config.data.doc_max_len)
-            cos = np.sum(_unit(a) * _unit(b), axis=1)
-            gold = np.array([p.score for p in pairs])
-            return {"spearman": metrics.spearman(cos, gold), "pearson": metrics.pearson(cos, gold)}
-        return evaluate_sts
+        return lambda params: evaluate.evaluate_sts(enc.with_params(params), pairs)
     if cfg.kind == "demo":
         from bixse_jax.data.synthetic import make_demo_data
         demo = make_demo_data(seed=config.data.demo_seed)
         queries, corpus, qrels = demo.eval_queries, demo.eval_corpus, demo.eval_qrels
-    elif cfg.kind == "beir":
+    elif cfg.kind in ("beir", "rerank"):
         queries, corpus, qrels = sources.read_beir_eval(cfg.path, cfg.split, skip_missing_docs=cfg.skip_missing_docs)
     else:
-        raise ValueError(f"eval.kind {cfg.kind!r} is not one of 'demo', 'beir', 'sts', 'none'")
-
-    qids, dids = list(queries), list(corpus)
-
-    def evaluate_retrieval(params: dict) -> dict[str, float]:
-        q = encode(params, [queries[i] for i in qids], config.data.query_max_len, prefix)
-        d = encode(params, [corpus[i] for i in dids], config.data.doc_max_len)
-        scores = q @ d.T
-        k = min(cfg.top_k, len(dids))
-        top = np.argsort(-scores, axis=1)[:, :k]
-        run = {qid: {dids[j]: float(scores[r, j]) for j in top[r]} for r, qid in enumerate(qids)}
-        return metrics.evaluate_run(run, qrels, ks=tuple(cfg.ks))
-    return evaluate_retrieval
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        raise ValueError(f"eval.kind {cfg.kind!r} is not one of 'demo', 'beir', 'rerank', 'sts', 'none'")
+    ks = tuple(cfg.ks)
+    if cfg.kind == "rerank":
+        run_file = cfg.get("run_file", "qrels") or "qrels"
+        if run_file == "qrels":
+            pools = evaluate.judged_pool(qrels)
+        else:
+            pools, _ = evaluate.run_pool(run_files.read_run(run_file), corpus, depth=cfg.top_k)
+        return lambda params: evaluate.evaluate_rerank(enc.with_params(params), queries, corpus, qrels,
+                                                       pools, ks=ks)[0]
+    top_k = max(cfg.top_k, *ks)
+    return lambda params: evaluate.evaluate_retrieval(enc.with_params(params), queries, corpus, qrels,
+                                                      ks=ks, top_k=top_k)[0]

@@ -1,33 +1,47 @@
 """The device mesh, shardings, and host-local numpy batches -> global jax.Arrays.
 
+The mesh has two axes: `data` (pure data parallelism) and `fsdp` (data parallelism whose devices
+also split the parameters and optimiser state, for encoders too big to replicate). The batch is
+split over both; parameters are split over `fsdp` along the dimension their *logical* axis name
+maps to (`logical_axis_rules` in the config, MaxText-style), and are whole everywhere else.
+
 Every process feeds only its own slice of the global batch; `make_array_from_process_local_data`
-stitches the slices into one array sharded over the mesh's `data` axis, so the jitted step sees
-the global batch and in-batch negatives span all devices and hosts.
+stitches the slices into one array sharded over the mesh, so the jitted step sees the global
+batch and in-batch negatives span all devices and hosts.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over every device of the mesh
+
+# Logical name of each parameter dimension -> mesh axis (None: not split). `embed` is the
+# model width, present in every matrix, so splitting it shards every matrix and embedding table.
+DEFAULT_LOGICAL_AXIS_RULES = (("embed", FSDP_AXIS), ("vocab", None), ("mlp", None), ("heads", None))
 
 
-def make_mesh(data_parallelism: int = -1, devices: list[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh over `data_parallelism` devices (-1: all of them)."""
+def make_mesh(data_parallelism: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp) mesh; data_parallelism -1 takes all devices left after fsdp."""
     devices = list(devices if devices is not None else jax.devices())
-    n = len(devices) if data_parallelism in (-1, None) else data_parallelism
-    if not 1 <= n <= len(devices):
-        raise ValueError(f"mesh.data={data_parallelism} but {len(devices)} devices are visible")
-    return Mesh(np.asarray(devices[:n]), (DATA_AXIS,))
+    if fsdp < 1 or len(devices) % fsdp:
+        raise ValueError(f"mesh.fsdp={fsdp} does not divide the {len(devices)} visible devices")
+    data = len(devices) // fsdp if data_parallelism in (-1, None) else data_parallelism
+    if not 1 <= data * fsdp <= len(devices):
+        raise ValueError(f"mesh data={data_parallelism} x fsdp={fsdp} needs more than the "
+                         f"{len(devices)} visible devices")
+    return Mesh(np.asarray(devices[:data * fsdp]).reshape(data, fsdp), BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over the data axis, the rest whole."""
-    return NamedSharding(mesh, P(DATA_AXIS))
+    """Leading (batch) dimension split over every device, the rest whole."""
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -46,3 +60,51 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
         raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
                          f"{mesh.size} devices of the mesh")
     return global_batch_size // jax.process_count()
+
+
+def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
+    """Logical names of an encoder parameter's dimensions, from its HF Flax path."""
+    leaf, parent = path[-1], path[-2] if len(path) > 1 else ""
+    if leaf == "embedding":
+        return ("vocab", "embed")
+    if leaf == "kernel":
+        if parent in ("query", "key", "value"):
+            return ("embed", "heads")
+        if path[-3:-1] == ("intermediate", "dense"):
+            return ("embed", "mlp")
+        if path[-3:-1] == ("output", "dense") and "attention" not in path:
+            return ("mlp", "embed")
+        return ("heads", "embed") if "attention" in path else ("embed", "embed")
+    if ndim == 1:  # biases and LayerNorm scales follow the dimension they add to
+        if parent in ("query", "key", "value"):
+            return ("heads",)
+        return ("mlp",) if path[-3:-1] == ("intermediate", "dense") else ("embed",)
+    return (None,) * ndim
+
+
+def _spec(axes: tuple[str | None, ...], shape: tuple[int, ...], rules: Sequence[tuple[str, str | None]],
+          mesh: Mesh) -> P:
+    """PartitionSpec from logical names; a dimension the mesh axis does not divide stays whole."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(axes, shape):
+        axis = table.get(name) if name else None
+        if axis is None or axis in used or size % mesh.shape[axis]:
+            spec.append(None)
+        else:
+            spec.append(axis)
+            used.add(axis)
+    return P(*spec)
+
+
+def param_shardings(params: Any, mesh: Mesh,
+                    rules: Sequence[tuple[str, str | None]] = DEFAULT_LOGICAL_AXIS_RULES) -> Any:
+    """NamedSharding for every leaf of {"encoder": ..., scalars}; scalars are replicated."""
+    def sharding(path, leaf) -> NamedSharding:
+        names = tuple(str(getattr(p, "key", p)) for p in path)
+        shape = tuple(np.shape(leaf))
+        if names[0] != "encoder" or not shape:
+            return replicated(mesh)
+        return NamedSharding(mesh, _spec(logical_axes(names, len(shape)), shape, rules, mesh))
+    return jax.tree_util.tree_map_with_path(sharding, params)

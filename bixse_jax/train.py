@@ -10,8 +10,8 @@ computation on the same batch, on any number of devices and hosts.
 from __future__ import annotations
 
 import json
-import math
-import pathlib
+import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -21,12 +21,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
+from etils import epath
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bixse_jax import checkpoint, parallel
 from bixse_jax.losses import LOSSES
+from bixse_jax.metric_writers import MetricsWriter
 from bixse_jax.models.encoder import SentenceEncoder
+from bixse_jax.preemption import PreemptionGuard
 from bixse_jax.targets import graded_targets, loss_mask
 
 Batch = dict[str, jax.Array]
@@ -127,7 +131,7 @@ def make_embedding_loss_fn(loss_cfg: ml_collections.ConfigDict, mesh: Mesh | Non
     def embedding_loss(params: dict, q: jax.Array, d: jax.Array, batch: Batch) -> tuple[jax.Array, Metrics]:
         scores = q @ d.T  # [B, B]: every query against every document of the global batch
         if mesh is not None:
-            scores = jax.lax.with_sharding_constraint(scores, NamedSharding(mesh, P(parallel.DATA_AXIS, None)))
+            scores = jax.lax.with_sharding_constraint(scores, NamedSharding(mesh, P(parallel.BATCH_AXES, None)))
         t, b = params["log_temperature"], params["bias"]
         if not loss_cfg.learn_temperature:
             t = jax.lax.stop_gradient(t)
@@ -167,122 +171,196 @@ def make_loss_fn(encoder: SentenceEncoder, loss_cfg: ml_collections.ConfigDict, 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """One optimiser step; a non-finite loss or gradient leaves params and optimiser state as they were.
+
+    The guard runs inside the jitted step (a select, no host sync); the host reads the
+    `nonfinite` metric later and decides, by `train.on_nonfinite`, to log the skip or to stop.
+    """
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         dropout_rng = jax.random.fold_in(state.rng, state.step)
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, dropout_rng)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, dropout_rng)
+        return apply_gradients(state, grads, loss, metrics, tx, schedule)
 
     return train_step
 
 
+def apply_gradients(state: TrainState, grads: dict, loss: jax.Array, metrics: Metrics,
+                    tx: optax.GradientTransformation, schedule: optax.Schedule) -> tuple[TrainState, Metrics]:
+    """The optimiser update with the non-finite guard; shared by the plain and cached steps."""
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+               "nonfinite": (~finite).astype(jnp.float32)}
+    return state.replace(step=state.step + 1, params=keep_if_bad(params, state.params),
+                         opt_state=keep_if_bad(opt_state, state.opt_state)), metrics
+
+
+def init_sharded_state(encoder_params: dict, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                       mesh: Mesh) -> TrainState:
+    """The initial state laid out on the mesh: params by the logical axis rules, optimiser alike."""
+    state = init_state(encoder_params, config.loss, tx, config.seed)
+    rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
+    params = jax.device_put(state.params, parallel.param_shardings(state.params, mesh, rules))
+    replicate = lambda x: jax.device_put(x, parallel.replicated(mesh))
+    # Moments inherit the parameters' shardings; counters (made from constants) are replicated.
+    opt_state = jax.tree.map(lambda x: x if x.ndim and len(x.sharding.device_set) == mesh.size else replicate(x),
+                             jax.jit(tx.init)(params))
+    return TrainState(step=replicate(state.step), params=params, opt_state=opt_state, rng=replicate(state.rng))
+
+
 def jit_train_step(train_step: Callable, mesh: Mesh, state: TrainState) -> Callable:
-    """Replicated state in and out, batch sharded on `data`, the old state's buffers donated."""
-    state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), state)
+    """State keeps its layout in and out, batch split over the mesh, the old state's buffers donated."""
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
     return jax.jit(train_step, in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
                    out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
 
 
-class MetricsWriter:
-    """TensorBoard events and JSON lines in the workdir (appending: a resumed run keeps history)."""
-
-    def __init__(self, workdir: pathlib.Path, enabled: bool = True):
-        self.enabled = enabled
-        if enabled:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
-            self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
-
-    def write(self, step: int, scalars: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        for k, v in scalars.items():
-            self._tb.add_scalar(k, v, step)
-        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-        self._jsonl.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._tb.close()
-            self._jsonl.close()
+# Keys a resumed run may change: how long, how often to log/save/evaluate, and the device layout.
+RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.async_checkpoints", "train.on_nonfinite", "eval.", "mesh.", "model.attention_impl",
+                     "model.remat")
 
 
-def mean_metrics(history: list[Metrics]) -> dict[str, float]:
-    """Fetches the device metrics of the last few steps in one transfer and averages them."""
-    fetched = jax.device_get(history)
-    return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+def config_differences(saved: dict, current: dict, allowed: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
+    """'key: checkpoint X, now Y' for every key that differs and may not change across a resume."""
+    flat = lambda d: {"/".join(k).replace("/", "."): v for k, v in traverse_util.flatten_dict(d).items()}
+    old, new = flat(saved), flat(current)
+    return [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k) and not k.startswith(allowed)]
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+class _PendingSteps:
+    """Device metrics of steps not yet read on the host, with the pair indices each step trained on.
+
+    Reading them in one transfer every few steps keeps the host from stalling the device; the
+    non-finite flags are checked then (and before every checkpoint).
+    """
+
+    def __init__(self, policy: str, describe_pairs: Callable[[int], str]):
+        if policy not in ("skip", "stop"):
+            raise ValueError(f"train.on_nonfinite {policy!r} is not 'skip' or 'stop'")
+        self.policy, self.describe_pairs = policy, describe_pairs
+        self.items: list[tuple[int, Metrics]] = []
+        self.pairs, self.tick = 0, time.perf_counter()
+
+    def add(self, step: int, metrics: Metrics, pairs: int) -> None:
+        self.items.append((step, metrics))
+        self.pairs += pairs
+
+    def check(self) -> tuple[dict[str, float] | None, list[dict[str, Any]]]:
+        """(mean metrics of the good steps or None, skipped-step records); raises under 'stop'."""
+        fetched = jax.device_get([m for _, m in self.items])
+        steps = [s for s, _ in self.items]
+        skipped = [{"skipped_step": s, "pairs": self.describe_pairs(s)} for s, m in zip(steps, fetched) if m["nonfinite"]]
+        for record in skipped:
+            message = (f"step {record['skipped_step'] + 1}: non-finite loss or gradients on the batch of "
+                       f"{record['pairs']}; the update was not applied")
+            if self.policy == "stop":
+                raise FloatingPointError(message + "; stopping (train.on_nonfinite=stop), the newest checkpoint "
+                                         "is the last good state")
+            logging.warning(message)
+        good = [m for m in fetched if not m["nonfinite"]]
+        means = {k: float(np.mean([m[k] for m in good])) for k in good[0] if k != "nonfinite"} if good else None
+        if means is not None:
+            means["pairs_per_second"] = self.pairs / max(time.perf_counter() - self.tick, 1e-9)
+        self.items, self.pairs, self.tick = [], 0, time.perf_counter()
+        return means, skipped
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           stop_after_step: int | None = None, show_progress: bool = True) -> tuple[dict[str, Any], TrainState]:
     """Trains (or resumes) in `workdir`; returns the summary (steps, evaluation before/after) and state.
 
-    Everything that can fail on bad input (model folder, data files, tokenizer) is loaded and
-    checked before anything is written, so a failed start leaves the workdir as it was.
-    `stop_after_step` ends the run early with a checkpoint, as a preemption would.
+    Everything that can fail on bad input (model folder, data files, tokenizer, a checkpoint of
+    another config) is checked before anything is written, so a failed start leaves the workdir
+    as it was. SIGTERM, or `stop_after_step`, ends the run after the current step with a checkpoint.
     """
     from tqdm import tqdm
 
     from bixse_jax import experiment
 
-    workdir = pathlib.Path(workdir)
-    mesh = parallel.make_mesh(config.mesh.data)
+    workdir = _as_path(workdir)
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     parallel.local_batch_size(config.train.global_batch_size, mesh)
     model = experiment.load_model(config.model)
-    batcher = experiment.make_batcher(config, model)
+    pairs = experiment.load_train_pairs(config.data)
+    batcher = experiment.make_batcher(config, model, pairs)
     evaluator = experiment.make_evaluator(config, model)
+    saved_config = workdir / "config.json"
+    if saved_config.exists():
+        differences = config_differences(json.loads(saved_config.read_text()), json.loads(config.to_json_best_effort()))
+        if differences:
+            raise ValueError(f"{workdir} holds a run of a different config; use a new workdir or the same "
+                             "settings. Differing keys:\n  " + "\n  ".join(differences))
 
     tx, schedule = make_optimizer(config.train)
-    state = init_state(model.params, config.loss, tx, config.seed)
-    state = jax.device_put(state, parallel.replicated(mesh))
+    state = init_sharded_state(model.params, config, tx, mesh)
     use_dropout = model.encoder.config.hidden_dropout_prob > 0
-    loss_fn = make_loss_fn(model.encoder, config.loss, mesh, use_dropout)
-    step_fn = jit_train_step(make_train_step(loss_fn, tx, schedule), mesh, state)
+    train_step = make_train_step(make_loss_fn(model.encoder, config.loss, mesh, use_dropout), tx, schedule)
+    step_fn = jit_train_step(train_step, mesh, state)
 
     is_lead = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
-    manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoints)
+    manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints,
+                                      async_save=config.train.async_checkpoints)
     restored = checkpoint.restore_latest(manager, state)
     summary: dict[str, Any] = {"workdir": str(workdir)}
     if restored is None:
-        if is_lead:
-            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        if is_lead and not saved_config.exists():
+            saved_config.write_text(config.to_json_best_effort(indent=2))
     else:
         state, data_state, step = restored
         if data_state.get("next_batch") != step:
-            raise ValueError(f"{workdir}: checkpoint {step} records data position {data_state}")
+            raise ValueError(f"{workdir}: checkpoint {step} records data position {data_state}, not {step}")
         summary["resumed_from_step"] = step
+        logging.warning("resumed from checkpoint step %d in %s", step, workdir)
+        print(f"[bixse-jax] resumed from checkpoint step {step}", file=sys.stderr, flush=True)
 
     if evaluator is not None:
         summary["before"] = evaluator(model.params)
     writer = MetricsWriter(workdir, enabled=is_lead)
     total = config.train.num_steps if stop_after_step is None else min(stop_after_step, config.train.num_steps)
     first = int(jax.device_get(state.step))
-    history: list[Metrics] = []
-    tick, pairs_since = time.perf_counter(), 0
+
+    def describe_pairs(step: int) -> str:
+        idx = batcher.global_indices(step)
+        return "pairs " + ", ".join(f"#{i} ({pairs[i].query_id} / {pairs[i].doc_id})" for i in idx)
+
+    pending = _PendingSteps(config.train.on_nonfinite, describe_pairs)
+
+    def flush(done: int) -> None:
+        if not pending.items:
+            return
+        means, skipped = pending.check()
+        for record in skipped:
+            writer.write(record["skipped_step"] + 1, record)
+        if means is not None:
+            writer.write(done, means)
+            progress.set_postfix(loss=f"{means['loss']:.4f}", pairs_s=f"{means['pairs_per_second']:.1f}")
+
     progress = tqdm(range(first, total), initial=first, total=total, desc="train",
                     disable=not (show_progress and is_lead), dynamic_ncols=True)
-    for step in progress:
-        batch = parallel.global_batch(batcher.batch(step), mesh)
-        state, metrics = step_fn(state, batch)
-        history.append(metrics)
-        pairs_since += config.train.global_batch_size
-        done = step + 1
-        if done % config.train.log_every == 0 or done == total:
-            scalars = mean_metrics(history)
-            elapsed = time.perf_counter() - tick
-            scalars["pairs_per_second"] = pairs_since / max(elapsed, 1e-9)
-            writer.write(done, scalars)
-            progress.set_postfix(loss=f"{scalars['loss']:.4f}", pairs_s=f"{scalars['pairs_per_second']:.1f}")
-            if not np.isfinite(scalars["loss"]):
-                raise FloatingPointError(f"loss is {scalars['loss']} at step {done}")
-            history, tick, pairs_since = [], time.perf_counter(), 0
-        if evaluator is not None and config.eval.every_steps and done % config.eval.every_steps == 0 and done < total:
-            writer.write(done, {f"eval/{k}": v for k, v in evaluator(state.params["encoder"]).items()})
-        if done % config.train.checkpoint_every == 0 or done == total:
-            checkpoint.save(manager, done, state, {"next_batch": done})
+    with PreemptionGuard() as guard:
+        for step in progress:
+            batch = parallel.global_batch(batcher.batch(step), mesh)
+            state, metrics = step_fn(state, batch)
+            pending.add(step, metrics, config.train.global_batch_size)
+            done = step + 1
+            preempted = done < total and guard.should_stop(done)
+            if done % config.train.log_every == 0 or done == total or preempted:
+                flush(done)
+            if evaluator is not None and config.eval.every_steps and done % config.eval.every_steps == 0 \
+                    and done < total:
+                writer.write(done, {f"eval/{k}": v for k, v in evaluator(state.params["encoder"]).items()})
+            if done % config.train.checkpoint_every == 0 or done == total or preempted:
+                flush(done)  # under on_nonfinite=stop, never checkpoint past a bad step
+                checkpoint.save(manager, done, state, {"next_batch": done})
+            if preempted:
+                summary["preempted_at_step"] = done
+                break
     progress.close()
     manager.wait_until_finished()
     manager.close()
@@ -291,7 +369,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         summary["after"] = evaluator(state.params["encoder"])
         writer.write(summary["steps"], {f"eval/{k}": v for k, v in summary["after"].items()})
     writer.close()
-    if is_lead:
-        with open(workdir / "summary.jsonl", "a", encoding="utf-8") as f:
+    if is_lead and summary["steps"] >= config.train.num_steps:
+        with (workdir / "summary.jsonl").open("a") as f:
             f.write(json.dumps(summary) + "\n")
     return summary, state
+
+
+def _as_path(workdir: str | os.PathLike) -> epath.Path:
+    """Local folders become absolute (Orbax wants that); gs:// and other URLs pass through epath."""
+    text = os.fspath(workdir)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
