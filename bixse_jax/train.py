@@ -256,8 +256,8 @@ class _PendingSteps:
         steps = [s for s, _ in self.items]
         skipped = [{"skipped_step": s, "pairs": self.describe_pairs(s)} for s, m in zip(steps, fetched) if m["nonfinite"]]
         for record in skipped:
-            message = (f"step {record['skipped_step'] + 1}: non-finite loss or gradients on the batch of "
-                       f"{record['pairs']}; the update was not applied")
+            message = (f"training step {record['skipped_step'] + 1} (global batch {record['skipped_step']}): "
+                       f"non-finite loss or gradients on {record['pairs']}; the update was not applied")
             if self.policy == "stop":
                 raise FloatingPointError(message + "; stopping (train.on_nonfinite=stop), the newest checkpoint "
                                          "is the last good state")
@@ -319,6 +319,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         logging.warning("resumed from checkpoint step %d in %s", step, workdir)
         print(f"[bixse-jax] resumed from checkpoint step {step}", file=sys.stderr, flush=True)
 
+    _write_host_record(workdir, batcher, first_batch=int(jax.device_get(state.step)))
     if evaluator is not None:
         summary["before"] = evaluator(model.params)
     writer = MetricsWriter(workdir, enabled=is_lead)
@@ -373,6 +374,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         with (workdir / "summary.jsonl").open("a") as f:
             f.write(json.dumps(summary) + "\n")
     return summary, state
+
+
+def _write_host_record(workdir: epath.Path, batcher: Any, first_batch: int) -> None:
+    """WORKDIR/hosts/process_I.json: what this process feeds, to debug multi-host input."""
+    record = {"process_index": jax.process_index(), "process_count": jax.process_count(),
+              "local_devices": [str(d) for d in jax.local_devices()], "local_batch_size": batcher.local_batch_size,
+              "first_batch": first_batch, "first_batch_local_pairs": batcher.local_indices(first_batch).tolist()}
+    (workdir / "hosts").mkdir(parents=True, exist_ok=True)
+    (workdir / "hosts" / f"process_{jax.process_index()}.json").write_text(json.dumps(record, indent=1))
 
 
 def _as_path(workdir: str | os.PathLike) -> epath.Path:

@@ -16,42 +16,9 @@ from bixse_jax import parallel, train
 from bixse_jax.default_config import base_config
 from bixse_jax.models import hf_io
 from bixse_jax.models.encoder import SentenceEncoder
+from train_utils import flat_params as _flat_params, pairs_jsonl as _pairs_jsonl, tiny_config as _config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _pairs_jsonl(path: pathlib.Path, n: int = 48) -> pathlib.Path:
-    """Graded pairs where queries and documents repeat, so duplicate ids meet in batches."""
-    rng = np.random.default_rng(0)
-    words = ["red", "blue", "cat", "dog", "runs", "sleeps", "fast", "slow", "big", "small"]
-    with open(path, "w") as f:
-        for i in range(n):
-            q = i % 10
-            d = int(rng.integers(0, 20))
-            f.write(json.dumps({"query": f"{words[q]} {words[(q + 3) % 10]} question",
-                                "document": " ".join(words[(d + k) % 10] for k in range(d % 5 + 2)),
-                                "score": round(float(rng.uniform()), 3),
-                                "query_id": f"q{q}", "doc_id": f"d{d}"}) + "\n")
-    return path
-
-
-def _config(tiny_model_dir, data_path, **train_overrides):
-    c = base_config()
-    c.model.name_or_path = str(tiny_model_dir)
-    c.model.dropout = 0.0
-    c.data.kind = "jsonl"
-    c.data.path = str(data_path)
-    c.data.query_max_len = 16
-    c.data.doc_max_len = 16
-    c.train.global_batch_size = 16
-    c.train.num_steps = 12
-    c.train.warmup_steps = 2
-    c.train.learning_rate = 1e-3
-    c.train.log_every = 3
-    c.train.checkpoint_every = 6
-    c.eval.kind = "none"
-    c.update_from_flattened_dict({f"train.{k}": v for k, v in train_overrides.items()})
-    return c
 
 
 def _batch_with_cross_device_duplicates(tok, b=16, seed=0):
@@ -131,10 +98,6 @@ def test_ablations_change_the_targets(tiny):
     cfg.diagonal_only, cfg.binarize_threshold = False, 0.5
     t_bin, _, _ = train.batch_targets(batch, cfg)
     assert set(np.unique(np.asarray(t_bin))) <= {0.0, 1.0}
-
-
-def _flat_params(state):
-    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
 
 
 def test_resume_is_bit_identical(tiny_model_dir, tmp_path):

@@ -46,6 +46,9 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
     import jax
     if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes need gloo
+    if coordinator and process_id not in (None, 0):
+        # JAX aborts the whole process (no exception) when registration times out; check first.
+        wait_for_coordinator(coordinator, timeout_s)
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id, initialization_timeout=timeout_s)
@@ -53,3 +56,21 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
         print(f"bixse-jax: could not join the JAX cluster (coordinator {coordinator or 'auto-detected'}, "
               f"process {process_id} of {num_processes}) within {timeout_s} s: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Polls HOST:PORT until it accepts a TCP connection; exits with a clear message after timeout_s."""
+    import socket
+    import time
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                print(f"bixse-jax: could not join the JAX cluster: coordinator {address} did not answer "
+                      f"within {timeout_s} s ({e}); is process 0 running and is the port open?", file=sys.stderr)
+                sys.exit(1)
+            time.sleep(0.5)

@@ -212,6 +212,11 @@ class PairBatcher:
         size = self.global_batch_size
         return self._permutation(epoch)[within * size:(within + 1) * size]
 
+    def local_indices(self, step: int) -> np.ndarray:
+        """Pair indices of this process's slice of global batch `step`."""
+        start = self.process_index * self.local_batch_size
+        return self.global_indices(step)[start:start + self.local_batch_size]
+
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's slice of global batch `step`, padded to global bucket lengths."""
         indices = self.global_indices(step)
@@ -219,8 +224,7 @@ class PairBatcher:
                               self._buckets, self.query_max_len)
         d_len = bucket_length(int(self._docs.pair_lengths(indices).max()),
                               self._buckets, self.doc_max_len)
-        start = self.process_index * self.local_batch_size
-        local = indices[start:start + self.local_batch_size]
+        local = self.local_indices(step)
         q_ids, q_mask = pad_batch(self._queries.pair_tokens(local), q_len, self._pad_id)
         d_ids, d_mask = pad_batch(self._docs.pair_tokens(local), d_len, self._pad_id)
         return {

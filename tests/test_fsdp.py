@@ -1,0 +1,75 @@
+"""Parameter sharding: a 2x4 (data x fsdp) mesh computes what an 8x1 mesh computes."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from bixse_jax import parallel, train
+from bixse_jax.default_config import base_config
+from bixse_jax.models import hf_io
+from bixse_jax.models.encoder import SentenceEncoder
+
+
+def _random_batch(b=16, length=12, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = lambda: rng.integers(1000, 3000, size=(b, length)).astype(np.int32)
+    mask = np.ones((b, length), np.int32)
+    mask[::3, 8:] = 0
+    return {"query_input_ids": ids(), "query_attention_mask": mask, "doc_input_ids": ids(),
+            "doc_attention_mask": mask[::-1].copy(), "query_ids": (np.arange(b) % 11).astype(np.int32),
+            "doc_ids": np.arange(b, dtype=np.int32), "grades": rng.uniform(size=b).astype(np.float32)}
+
+
+def test_param_shardings_follow_logical_rules():
+    mesh = parallel.make_mesh(2, 4)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
+    params = {"encoder": {"embeddings": {"word_embeddings": {"embedding": np.zeros((100, 32))}},
+                          "encoder": {"layer": {"0": {"intermediate": {"dense": {"kernel": np.zeros((32, 64)),
+                                                                                  "bias": np.zeros(64)}}}}}},
+              "bias": np.float32(0)}
+    shardings = parallel.param_shardings(params, mesh)
+    assert shardings["encoder"]["embeddings"]["word_embeddings"]["embedding"].spec == P(None, "fsdp")
+    assert shardings["encoder"]["encoder"]["layer"]["0"]["intermediate"]["dense"]["kernel"].spec == P("fsdp", None)
+    assert shardings["encoder"]["encoder"]["layer"]["0"]["intermediate"]["dense"]["bias"].spec == P(None)
+    assert shardings["bias"].spec == P()
+    # A width the fsdp axis does not divide stays whole instead of failing.
+    odd = parallel.param_shardings({"encoder": {"x": {"kernel": np.zeros((30, 30))}}}, mesh)
+    assert odd["encoder"]["x"]["kernel"].spec == P(None, None)
+
+
+def test_two_by_four_mesh_equals_eight_by_one(tiny_model_dir):
+    config, enc_params, _ = hf_io.load_pretrained(tiny_model_dir, hidden_dropout_prob=0.0)
+    encoder = SentenceEncoder(config)
+    cfg = base_config()
+    cfg.train.warmup_steps = 0  # so that the one step moves the parameters
+    tx, schedule = train.make_optimizer(cfg.train)
+    batch = _random_batch()
+    results = {}
+    for data, fsdp in ((8, 1), (2, 4)):
+        mesh = parallel.make_mesh(data, fsdp)
+        cfg.mesh.fsdp = fsdp
+        state = train.init_sharded_state(enc_params, cfg, tx, mesh)
+        kernel = state.params["encoder"]["encoder"]["layer"]["0"]["intermediate"]["dense"]["kernel"]
+        assert kernel.sharding.spec == P("fsdp", None)
+        assert len(kernel.addressable_shards) == 8 and kernel.addressable_shards[0].data.shape[0] == 32 // fsdp
+        loss_fn = train.make_loss_fn(encoder, cfg.loss, mesh, use_dropout=False)
+        grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+        global_batch = parallel.global_batch(batch, mesh)
+        (loss, _), grads = grad_fn(state.params, global_batch, jax.random.PRNGKey(0))
+        step = train.jit_train_step(train.make_train_step(loss_fn, tx, schedule), mesh, state)
+        new_state, metrics = step(state, global_batch)
+        results[(data, fsdp)] = (float(loss), jax.device_get(grads), jax.device_get(new_state.params))
+    (l8, g8, p8), (l2, g2, p2) = results[(8, 1)], results[(2, 4)]
+    assert math.isfinite(l8) and l2 == pytest.approx(l8, rel=1e-5)
+    # Sums run in another order over another layout: equal to 1e-5 of the gradient's scale.
+    scale = max(float(np.abs(a).max()) for a in jax.tree.leaves(g8))
+    for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * scale)
+    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(enc_params), jax.tree.leaves(p8["encoder"]))]
+    assert any(moved)

@@ -1,0 +1,58 @@
+"""Shared by the training tests: a small graded-pair file and a tiny-model config."""
+
+import json
+import pathlib
+
+import numpy as np
+
+from bixse_jax.default_config import base_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def pairs_jsonl(path: pathlib.Path, n: int = 48) -> pathlib.Path:
+    """Graded pairs where queries and documents repeat, so duplicate ids meet in batches."""
+    rng = np.random.default_rng(0)
+    words = ["red", "blue", "cat", "dog", "runs", "sleeps", "fast", "slow", "big", "small"]
+    with open(path, "w") as f:
+        for i in range(n):
+            q = i % 10
+            d = int(rng.integers(0, 20))
+            f.write(json.dumps({"query": f"{words[q]} {words[(q + 3) % 10]} question",
+                                "document": " ".join(words[(d + k) % 10] for k in range(d % 5 + 2)),
+                                "score": round(float(rng.uniform()), 3),
+                                "query_id": f"q{q}", "doc_id": f"d{d}"}) + "\n")
+    return path
+
+
+def tiny_config(tiny_model_dir, data_path, **train_overrides):
+    c = base_config()
+    c.model.name_or_path = str(tiny_model_dir)
+    c.model.dropout = 0.0
+    c.data.kind = "jsonl"
+    c.data.path = str(data_path)
+    c.data.query_max_len = 16
+    c.data.doc_max_len = 16
+    c.train.global_batch_size = 16
+    c.train.num_steps = 12
+    c.train.warmup_steps = 2
+    c.train.learning_rate = 1e-3
+    c.train.log_every = 3
+    c.train.checkpoint_every = 6
+    c.eval.kind = "none"
+    c.update_from_flattened_dict({f"train.{k}": v for k, v in train_overrides.items()})
+    return c
+
+
+def cli_overrides(tiny_model_dir, data_path, **overrides) -> list[str]:
+    """`bixse-jax train` flags for the same tiny run as `tiny_config`."""
+    flat = {"model.name_or_path": tiny_model_dir, "model.dropout": 0.0, "data.kind": "jsonl",
+            "data.path": data_path, "data.query_max_len": 16, "data.doc_max_len": 16,
+            "train.global_batch_size": 16, "train.warmup_steps": 2, "train.learning_rate": 1e-3,
+            "eval.kind": "none", **overrides}
+    return ["--config", str(REPO / "configs" / "demo.py")] + [f"--config.{k}={v}" for k, v in flat.items()]
+
+
+def flat_params(state) -> list[np.ndarray]:
+    import jax
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
