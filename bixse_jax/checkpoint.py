@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -33,6 +34,7 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, di
     `target` (a state of the right structure and shardings) says how to lay the arrays out.
     """
     steps = sorted(manager.all_steps(), reverse=True)
+    damaged: list[int] = []
     for i, step in enumerate(steps):
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
@@ -42,8 +44,25 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, di
             logging.warning("checkpoint %d in %s cannot be restored (%s: %s); %s",
                             step, manager.directory, type(e).__name__, e, older)
             print(f"[bixse-jax] checkpoint {step} is damaged ({type(e).__name__}); {older}", file=sys.stderr, flush=True)
+            damaged.append(step)
             continue
+        _set_aside(manager, damaged)
         return restored.state, dict(restored.data), step
     if steps:
         raise RuntimeError(f"{manager.directory}: none of the checkpoints {steps} can be restored")
     return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Moves damaged steps to WORKDIR/damaged_checkpoints/ (kept for inspection, never deleted), so
+    that training can write those step numbers again."""
+    if not steps:
+        return
+    directory = epath.Path(manager.directory)
+    aside = directory.parent / "damaged_checkpoints"
+    aside.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        target = aside / f"{step}-{int(time.time())}"
+        (directory / str(step)).rename(target)
+        logging.warning("moved damaged checkpoint %d to %s", step, target)
+    manager.reload()

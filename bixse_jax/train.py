@@ -344,27 +344,29 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
     progress = tqdm(range(first, total), initial=first, total=total, desc="train",
                     disable=not (show_progress and is_lead), dynamic_ncols=True)
-    with PreemptionGuard() as guard:
-        for step in progress:
-            batch = parallel.global_batch(batcher.batch(step), mesh)
-            state, metrics = step_fn(state, batch)
-            pending.add(step, metrics, config.train.global_batch_size)
-            done = step + 1
-            preempted = done < total and guard.should_stop(done)
-            if done % config.train.log_every == 0 or done == total or preempted:
-                flush(done)
-            if evaluator is not None and config.eval.every_steps and done % config.eval.every_steps == 0 \
-                    and done < total:
-                writer.write(done, {f"eval/{k}": v for k, v in evaluator(state.params["encoder"]).items()})
-            if done % config.train.checkpoint_every == 0 or done == total or preempted:
-                flush(done)  # under on_nonfinite=stop, never checkpoint past a bad step
-                checkpoint.save(manager, done, state, {"next_batch": done})
-            if preempted:
-                summary["preempted_at_step"] = done
-                break
-    progress.close()
-    manager.wait_until_finished()
-    manager.close()
+    try:
+        with PreemptionGuard() as guard:
+            for step in progress:
+                batch = parallel.global_batch(batcher.batch(step), mesh)
+                state, metrics = step_fn(state, batch)
+                pending.add(step, metrics, config.train.global_batch_size)
+                done = step + 1
+                preempted = done < total and guard.should_stop(done)
+                if done % config.train.log_every == 0 or done == total or preempted:
+                    flush(done)
+                if evaluator is not None and config.eval.every_steps and done % config.eval.every_steps == 0 \
+                        and done < total:
+                    writer.write(done, {f"eval/{k}": v for k, v in evaluator(state.params["encoder"]).items()})
+                if done % config.train.checkpoint_every == 0 or done == total or preempted:
+                    flush(done)  # under on_nonfinite=stop, never checkpoint past a bad step
+                    checkpoint.save(manager, done, state, {"next_batch": done})
+                if preempted:
+                    summary["preempted_at_step"] = done
+                    break
+    finally:  # whatever happened, let started checkpoint writes complete
+        progress.close()
+        manager.wait_until_finished()
+        manager.close()
     summary["steps"] = int(jax.device_get(state.step))
     if evaluator is not None and summary["steps"] >= config.train.num_steps:
         summary["after"] = evaluator(state.params["encoder"])
