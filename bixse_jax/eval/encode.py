@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -14,6 +15,12 @@ from bixse_jax.data.batching import Tokenizer, bucket_length, pad_batch
 from bixse_jax.models.encoder import SentenceEncoder
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_encoder(encoder: SentenceEncoder, mesh: Mesh):
+    """One jitted function per (encoder, mesh), so repeated calls reuse compiled buckets."""
+    return jax.jit(lambda p, ids, mask: encoder(p, ids, mask), out_shardings=parallel.replicated(mesh))
 
 
 def encode_texts(encoder: SentenceEncoder, params: dict, tokenizer: Tokenizer, texts: Sequence[str], *,
@@ -30,7 +37,7 @@ def encode_texts(encoder: SentenceEncoder, params: dict, tokenizer: Tokenizer, t
     order = np.argsort([-len(s) for s in seqs], kind="stable")
     sharding = parallel.batch_sharding(mesh)
     params = jax.device_put(params, parallel.replicated(mesh))
-    embed = jax.jit(lambda p, ids, mask: encoder(p, ids, mask), out_shardings=parallel.replicated(mesh))
+    embed = _jitted_encoder(encoder, mesh)
     out: np.ndarray | None = None
     for start in tqdm(range(0, len(seqs), batch_size), desc="encode", disable=not show_progress):
         idx = order[start:start + batch_size]
