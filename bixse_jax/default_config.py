@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 100
     c.train.keep_checkpoints = 3
     c.train.async_checkpoints = True
+    c.train.grad_cache_chunk = 0  # gradient caching: pairs per sub-batch (0: off); divides the batch
     c.train.on_nonfinite = "skip"  # skip: drop the update and log the batch; stop: raise
 
     c.eval = ml_collections.ConfigDict()

@@ -220,8 +220,8 @@ def jit_train_step(train_step: Callable, mesh: Mesh, state: TrainState) -> Calla
 
 # Keys a resumed run may change: how long, how often to log/save/evaluate, and the device layout.
 RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.async_checkpoints", "train.on_nonfinite", "eval.", "mesh.", "model.attention_impl",
-                     "model.remat")
+                     "train.async_checkpoints", "train.on_nonfinite", "train.grad_cache_chunk", "eval.", "mesh.",
+                     "model.attention_impl", "model.remat")
 
 
 def config_differences(saved: dict, current: dict, allowed: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
@@ -285,6 +285,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     workdir = _as_path(workdir)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     parallel.local_batch_size(config.train.global_batch_size, mesh)
+    if config.train.grad_cache_chunk:
+        from bixse_jax import grad_cache  # local import: grad_cache imports train
+        grad_cache.check_chunk(config.train.global_batch_size, config.train.grad_cache_chunk, mesh)
     model = experiment.load_model(config.model)
     pairs = experiment.load_train_pairs(config.data)
     batcher = experiment.make_batcher(config, model, pairs)
@@ -299,7 +302,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     tx, schedule = make_optimizer(config.train)
     state = init_sharded_state(model.params, config, tx, mesh)
     use_dropout = model.encoder.config.hidden_dropout_prob > 0
-    train_step = make_train_step(make_loss_fn(model.encoder, config.loss, mesh, use_dropout), tx, schedule)
+    if config.train.grad_cache_chunk:  # gradient caching: embed in sub-batches, backprop twice
+        loss_fn = grad_cache.make_cached_loss_fn(make_embed_fn(model.encoder, use_dropout),
+                                                 make_embedding_loss_fn(config.loss, mesh),
+                                                 chunk=config.train.grad_cache_chunk, mesh=mesh)
+    else:
+        loss_fn = make_loss_fn(model.encoder, config.loss, mesh, use_dropout)
+    train_step = make_train_step(loss_fn, tx, schedule)
     step_fn = jit_train_step(train_step, mesh, state)
 
     is_lead = jax.process_index() == 0

@@ -166,3 +166,15 @@ def test_cli_train_writes_checkpoints_and_metrics(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")] == [2, 4]
+
+
+def test_grad_cache_switch_trains_like_the_plain_step(tiny_model_dir, tmp_path):
+    data = _pairs_jsonl(tmp_path / "pairs.jsonl")
+    _, plain = train.train(_config(tiny_model_dir, data, num_steps=3), tmp_path / "plain", show_progress=False)
+    _, cached = train.train(_config(tiny_model_dir, data, num_steps=3, grad_cache_chunk=8), tmp_path / "cached",
+                            show_progress=False)
+    for a, b in zip(_flat_params(plain), _flat_params(cached)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="12"):
+        train.train(_config(tiny_model_dir, data, grad_cache_chunk=12), tmp_path / "bad", show_progress=False)
+    assert not (tmp_path / "bad").exists()

@@ -137,8 +137,13 @@ class SelfAttention(nn.Module):
         heads, head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
         split = lambda t: t.reshape(t.shape[:2] + (heads, head_dim))
         q, k, v = (split(_dense(cfg, cfg.hidden_size, n)(x)) for n in ("query", "key", "value"))
-        mask = attention_mask[:, None, None, :].astype(bool)  # [B, 1 (heads), 1 (queries), T]
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
+        if cfg.attention_impl == "cudnn":  # cuDNN takes right padding as lengths, not a [B,1,1,T] mask
+            lengths = attention_mask.sum(-1).astype(jnp.int32)
+            out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn",
+                                               query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+        else:
+            mask = attention_mask[:, None, None, :].astype(bool)  # [B, 1 (heads), 1 (queries), T]
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
         return out.reshape(out.shape[:2] + (cfg.hidden_size,))
 
 

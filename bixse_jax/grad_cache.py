@@ -1,0 +1,245 @@
+"""Gradient caching (GradCache, Gao et al. 2021): contrastive batches larger than activation memory.
+
+BiXSE couples every query with every document of the global batch, so the batch cannot be cut
+into independent micro-batches whose gradients are summed. GradCache cuts the computation instead:
+
+  1. embed the batch in sub-batches of `chunk` pairs, keeping no activations (no autodiff);
+  2. the loss, and its gradient with respect to the [B, H] embeddings and t, b, over the whole
+     global batch (cheap: B x B scores, no encoder);
+  3. re-embed each sub-batch under `jax.vjp` and pull the cached embedding gradients back to the
+     encoder parameters, summing over sub-batches in a `lax.scan`.
+
+Peak activation memory is one sub-batch's; the price is one more forward pass (~4/3 the FLOPs).
+The gradient equals plain backprop through the same sub-batched forward pass up to float
+rounding, dropout included: sub-batch j on device r draws `fold_in(fold_in(key, j), r)` in both
+passes. (Dropout masks therefore differ from the plain step's one key for the whole batch: both
+are valid dropout, but not the same sample.)
+
+Layout: the batch is split over every device of the mesh (`parallel.BATCH_AXES`), device r
+holding rows [r B/n, (r+1) B/n). Both passes run under `shard_map`: every device cuts *its own*
+rows into B/chunk sub-batches of chunk/n rows, so sub-batch j is spread over all devices, no
+reshape moves data between devices, each device accumulates its own parameter gradient across
+sub-batches, and one `psum` at the end adds them (not one all-reduce per sub-batch). The encoder
+parameters enter both passes whole (an `fsdp`-sharded tree is gathered once per pass), so FSDP
+saves optimiser-state memory here but not the parameters' own during the step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from bixse_jax import parallel, train
+
+EmbedFn = Callable[[dict, jax.Array, jax.Array, jax.Array], jax.Array]
+EmbeddingLossFn = Callable[[dict, jax.Array, jax.Array, train.Batch], tuple[jax.Array, train.Metrics]]
+LossFn = Callable[[dict, train.Batch, jax.Array], tuple[jax.Array, train.Metrics]]
+
+_INPUTS = ("query_input_ids", "query_attention_mask", "doc_input_ids", "doc_attention_mask")
+
+
+def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes the batch is split over (all of parallel.BATCH_AXES that the mesh has)."""
+    return tuple(a for a in parallel.BATCH_AXES if a in mesh.axis_names)
+
+
+def _num_shards(mesh: Mesh | None) -> int:
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in _batch_axes(mesh))
+
+
+def check_chunk(global_batch_size: int, chunk: int, mesh: Mesh | None) -> int:
+    """The number of sub-batches; a clear error unless `chunk` splits the batch over all devices.
+
+    Call it before training starts so that a bad `train.grad_cache_chunk` fails before anything
+    is written; the step calls it again on the batch's actual shape.
+    """
+    devices = _num_shards(mesh)
+    if chunk <= 0:
+        raise ValueError(f"train.grad_cache_chunk={chunk}: a gradient-caching sub-batch needs at "
+                         "least one pair (0 turns caching off)")
+    if global_batch_size % chunk:
+        raise ValueError(f"train.grad_cache_chunk={chunk} does not divide the global batch of "
+                         f"{global_batch_size} pairs (train.global_batch_size)")
+    if chunk % devices:
+        raise ValueError(f"train.grad_cache_chunk={chunk} is not a multiple of the {devices} devices "
+                         "that split the batch, so a sub-batch cannot be spread over all of them")
+    return global_batch_size // chunk
+
+
+def _device_index(mesh: Mesh | None) -> jax.Array:
+    return jnp.int32(0) if mesh is None else jax.lax.axis_index(_batch_axes(mesh))
+
+
+def _sub_batch_key(side_rng: jax.Array, j: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """Dropout key of sub-batch j on this device: the same in the forward and the vjp pass."""
+    return jax.random.fold_in(jax.random.fold_in(side_rng, j), _device_index(mesh))
+
+
+def _split(x: jax.Array, num_chunks: int) -> jax.Array:
+    """This device's rows [b, ...] -> [num_chunks, b / num_chunks, ...] (row j*c + i is [j, i])."""
+    return x.reshape((num_chunks, x.shape[0] // num_chunks) + x.shape[1:])
+
+
+def _merge(x: jax.Array) -> jax.Array:
+    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def _embed_pair(embed: EmbedFn, encoder_params: dict, q_rng: jax.Array, d_rng: jax.Array,
+                mesh: Mesh | None, j: jax.Array, qi: jax.Array, qm: jax.Array, di: jax.Array,
+                dm: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Query and document embeddings of sub-batch j, with its own dropout keys."""
+    return (embed(encoder_params, qi, qm, _sub_batch_key(q_rng, j, mesh)),
+            embed(encoder_params, di, dm, _sub_batch_key(d_rng, j, mesh)))
+
+
+def _on_devices(fn: Callable, mesh: Mesh | None, in_specs: tuple, out_specs) -> Callable:
+    """`fn` on each device's rows of the batch (shard_map), or as it is without a mesh.
+
+    Specs say "rows" for arrays split on the batch dimension and "whole" for replicated ones.
+    """
+    if mesh is None:
+        return fn
+    spec = lambda x: P(_batch_axes(mesh)) if x == "rows" else P()
+    specs = jax.tree.map(spec, (in_specs, out_specs))
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs[0], out_specs=specs[1])
+
+
+def _varying(tree, mesh: Mesh | None):
+    """Marks replicated values as per-device, so their cotangents are not all-reduced per use."""
+    if mesh is None:
+        return tree
+    axes = _batch_axes(mesh)
+    cast = getattr(jax.lax, "pcast", None)
+    if cast is not None:
+        return jax.tree.map(lambda x: cast(x, axes, to="varying"), tree)
+    return jax.tree.map(lambda x: jax.lax.pvary(x, axes), tree)  # older jax spelling
+
+
+def make_chunked_embed(embed: EmbedFn, *, chunk: int, mesh: Mesh | None
+                       ) -> Callable[[dict, train.Batch, jax.Array], tuple[jax.Array, jax.Array]]:
+    """(encoder params, batch, dropout rng) -> ([B, H] queries, [B, H] documents), sub-batch by sub-batch.
+
+    Differentiable: plain backprop through it is the reference that the cached gradient equals
+    (it keeps every sub-batch's activations, so it saves no memory).
+    """
+    def local(encoder_params, inputs, q_rng, d_rng):
+        num_chunks = check_chunk(inputs[0].shape[0] * _num_shards(mesh), chunk, mesh)
+        xs = (jnp.arange(num_chunks),) + tuple(_split(x, num_chunks) for x in inputs)
+        q, d = jax.lax.map(lambda a: _embed_pair(embed, encoder_params, q_rng, d_rng, mesh, *a), xs)
+        return _merge(q), _merge(d)
+
+    sharded = _on_devices(local, mesh, ("whole", ("rows",) * 4, "whole", "whole"), ("rows", "rows"))
+
+    def chunked_embed(encoder_params, batch, dropout_rng):
+        q_rng, d_rng = jax.random.split(dropout_rng)
+        return sharded(encoder_params, tuple(batch[k] for k in _INPUTS), q_rng, d_rng)
+
+    return chunked_embed
+
+
+def make_encoder_vjp(embed: EmbedFn, *, chunk: int, mesh: Mesh | None
+                     ) -> Callable[[dict, train.Batch, jax.Array, jax.Array, jax.Array], dict]:
+    """(encoder params, batch, dropout rng, dL/dq [B, H], dL/dd [B, H]) -> dL/d(encoder params).
+
+    Re-embeds one sub-batch at a time under `jax.vjp` (only its activations live), applies the
+    cached embedding cotangents, and sums the parameter gradients: per device over its
+    sub-batches, then once over devices.
+    """
+    def local(encoder_params, inputs, q_rng, d_rng, g_q, g_d):
+        num_chunks = check_chunk(inputs[0].shape[0] * _num_shards(mesh), chunk, mesh)
+        params = _varying(encoder_params, mesh)  # this device's partial gradient, summed at the end
+        xs = (jnp.arange(num_chunks),) + tuple(_split(x, num_chunks) for x in (*inputs, g_q, g_d))
+
+        def accumulate(total, x):
+            j, qi, qm, di, dm, gq, gd = x
+            out, pullback = jax.vjp(lambda p: _embed_pair(embed, p, q_rng, d_rng, mesh, j, qi, qm, di, dm), params)
+            (grad,) = pullback((gq.astype(out[0].dtype), gd.astype(out[1].dtype)))
+            return jax.tree.map(jnp.add, total, grad), None
+
+        total, _ = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), xs)
+        return total if mesh is None else jax.lax.psum(total, _batch_axes(mesh))
+
+    sharded = _on_devices(local, mesh, ("whole", ("rows",) * 4, "whole", "whole", "rows", "rows"), "whole")
+
+    def encoder_vjp(encoder_params, batch, dropout_rng, g_q, g_d):
+        q_rng, d_rng = jax.random.split(dropout_rng)
+        return sharded(encoder_params, tuple(batch[k] for k in _INPUTS), q_rng, d_rng, g_q, g_d)
+
+    return encoder_vjp
+
+
+def make_cached_value_and_grad(embed: EmbedFn, embedding_loss: EmbeddingLossFn, *, chunk: int,
+                               mesh: Mesh | None
+                               ) -> Callable[[dict, train.Batch, jax.Array], tuple[tuple[jax.Array, train.Metrics], dict]]:
+    """(params, batch, dropout rng) -> ((loss, metrics), grads), like `jax.value_and_grad(loss_fn, has_aux=True)`."""
+    chunked_embed = make_chunked_embed(embed, chunk=chunk, mesh=mesh)
+    encoder_vjp = make_encoder_vjp(embed, chunk=chunk, mesh=mesh)
+
+    def value_and_grad(params, batch, dropout_rng):
+        check_chunk(batch["query_input_ids"].shape[0], chunk, mesh)
+        q, d = chunked_embed(params["encoder"], batch, dropout_rng)  # pass 1: no activations kept
+        logit_params = {k: v for k, v in params.items() if k != "encoder"}
+        loss_of = lambda lp, q, d: embedding_loss(lp, q, d, batch)
+        (loss, metrics), (g_logit, g_q, g_d) = jax.value_and_grad(loss_of, argnums=(0, 1, 2), has_aux=True)(
+            logit_params, q, d)
+        g_encoder = encoder_vjp(params["encoder"], batch, dropout_rng, g_q, g_d)  # pass 2
+        return (loss, metrics), {**g_logit, "encoder": g_encoder}
+
+    return value_and_grad
+
+
+def make_cached_loss_fn(embed: EmbedFn, embedding_loss: EmbeddingLossFn, *, chunk: int,
+                        mesh: Mesh | None) -> LossFn:
+    """A drop-in for `train.make_loss_fn(...)` whose gradient is computed by gradient caching.
+
+    A `jax.custom_vjp`: the forward pass of `jax.grad` runs both GradCache passes and keeps only
+    the parameter gradient as residual; the backward pass scales it by the loss cotangent. Called
+    without differentiation it is pass 1 and the loss alone.
+    """
+    chunked_embed = make_chunked_embed(embed, chunk=chunk, mesh=mesh)
+    value_and_grad = make_cached_value_and_grad(embed, embedding_loss, chunk=chunk, mesh=mesh)
+
+    @jax.custom_vjp
+    def loss_fn(params, batch, dropout_rng):
+        check_chunk(batch["query_input_ids"].shape[0], chunk, mesh)
+        q, d = chunked_embed(params["encoder"], batch, dropout_rng)
+        return embedding_loss(params, q, d, batch)
+
+    def forward(params, batch, dropout_rng):
+        out, grads = value_and_grad(params, batch, dropout_rng)
+        return out, (grads, batch, dropout_rng)
+
+    def backward(residuals, cotangent):
+        grads, batch, dropout_rng = residuals
+        loss_cotangent = cotangent[0]
+        no_grad = lambda tree: jax.tree.map(lambda x: None, tree)  # batch and rng are inputs, not variables
+        return (jax.tree.map(lambda g: g * loss_cotangent.astype(g.dtype), grads), no_grad(batch),
+                no_grad(dropout_rng))
+
+    loss_fn.defvjp(forward, backward)
+    return loss_fn
+
+
+def make_chunked_loss_fn(embed: EmbedFn, embedding_loss: EmbeddingLossFn, *, chunk: int,
+                         mesh: Mesh | None) -> LossFn:
+    """Plain backprop through the sub-batched forward pass: what the cached loss fn computes, without caching."""
+    chunked_embed = make_chunked_embed(embed, chunk=chunk, mesh=mesh)
+
+    def loss_fn(params, batch, dropout_rng):
+        check_chunk(batch["query_input_ids"].shape[0], chunk, mesh)
+        q, d = chunked_embed(params["encoder"], batch, dropout_rng)
+        return embedding_loss(params, q, d, batch)
+
+    return loss_fn
+
+
+def make_cached_train_step(embed: EmbedFn, embedding_loss: EmbeddingLossFn, tx: optax.GradientTransformation,
+                           schedule: optax.Schedule, *, chunk: int, mesh: Mesh | None
+                           ) -> Callable[[train.TrainState, train.Batch], tuple[train.TrainState, train.Metrics]]:
+    """`train.make_train_step` over the cached loss fn: same state, metrics and update; jit with `train.jit_train_step`."""
+    return train.make_train_step(make_cached_loss_fn(embed, embedding_loss, chunk=chunk, mesh=mesh), tx, schedule)
