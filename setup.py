@@ -23,6 +23,11 @@ setup(
         "tokenizers>=0.19",
         "tensorboardX>=2.6",
         "tqdm",
+        # ArrayRecord data sets built without TensorFlow, read with grain (`data.kind=arrayrecord`).
+        "tensorflow-datasets>=4.9.9",
+        "array_record>=0.8",
+        "grain>=0.2.18",
+        "importlib_resources",  # tfds needs it to build a builder that lives in a package
     ],
     extras_require={
         # torch is pinned: 2.13.0 is the CPU build these machines carry; an unpinned torch pulls

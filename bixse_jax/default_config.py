@@ -28,13 +28,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dropout = ml_collections.FieldReference(None, field_type=float)  # None: the HF config's
 
     c.data = ml_collections.ConfigDict()
-    c.data.kind = "demo"  # demo | jsonl | beir | sts
+    c.data.kind = "demo"  # demo | jsonl | beir | sts | arrayrecord (from `bixse-jax data build`)
     c.data.path = ""
     c.data.split = "train"  # beir
     c.data.max_grade = ml_collections.FieldReference(None, field_type=float)  # beir: grade/max_grade
     c.data.keep_zero_grades = True  # beir: grade-0 qrels become labelled negatives
     c.data.skip_missing_docs = False  # beir: drop qrels whose document has no text
     c.data.demo_seed = 0
+    c.data.grain_workers = 0  # arrayrecord: processes that read and tokenise batches (0: in-process)
     c.data.query_max_len = 32
     c.data.doc_max_len = 128
     c.data.buckets = (16, 32, 64, 128, 256, 512)

@@ -220,8 +220,8 @@ def jit_train_step(train_step: Callable, mesh: Mesh, state: TrainState) -> Calla
 
 # Keys a resumed run may change: how long, how often to log/save/evaluate, and the device layout.
 RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.async_checkpoints", "train.on_nonfinite", "train.grad_cache_chunk", "eval.", "mesh.",
-                     "model.attention_impl", "model.remat")
+                     "train.async_checkpoints", "train.on_nonfinite", "train.grad_cache_chunk",
+                     "data.grain_workers", "eval.", "mesh.", "model.attention_impl", "model.remat")
 
 
 def config_differences(saved: dict, current: dict, allowed: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
@@ -337,6 +337,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
     def describe_pairs(step: int) -> str:
         idx = batcher.global_indices(step)
+        if pairs is None:  # arrayrecord: record numbers in the built data set
+            return "records " + ", ".join(f"#{i}" for i in idx)
         return "pairs " + ", ".join(f"#{i} ({pairs[i].query_id} / {pairs[i].doc_id})" for i in idx)
 
     pending = _PendingSteps(config.train.on_nonfinite, describe_pairs)
@@ -372,8 +374,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                 if preempted:
                     summary["preempted_at_step"] = done
                     break
-    finally:  # whatever happened, let started checkpoint writes complete
+    finally:  # whatever happened, let started checkpoint writes complete and input workers stop
         progress.close()
+        getattr(batcher, "close", lambda: None)()
         manager.wait_until_finished()
         manager.close()
     summary["steps"] = int(jax.device_get(state.step))
