@@ -69,7 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.on_nonfinite = "skip"  # skip: drop the update and log the batch; stop: raise
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.kind = "demo"  # demo | beir | sts | none
+    c.eval.kind = "demo"  # demo | beir | rerank | sts | none
+    c.eval.run_file = "qrels"  # rerank: a TREC run's candidates, or "qrels" for each query's judged pool
     c.eval.path = ""
     c.eval.split = "test"
     c.eval.skip_missing_docs = False  # beir: judged documents without text are left out

@@ -43,7 +43,10 @@ def load_model(cfg: ml_collections.ConfigDict) -> LoadedModel:
     return LoadedModel(encoder, params, tokenizer, model_dir, settings)
 
 
-def load_train_pairs(cfg: ml_collections.ConfigDict) -> list[sources.GradedPair]:
+def load_train_pairs(cfg: ml_collections.ConfigDict) -> list[sources.GradedPair] | None:
+    """The training pairs in memory; None for `arrayrecord`, which each process reads lazily."""
+    if cfg.kind == "arrayrecord":
+        return None
     if cfg.kind == "demo":
         from bixse_jax.data.synthetic import make_demo_data
         return make_demo_data(seed=cfg.demo_seed).train
@@ -59,6 +62,15 @@ def load_train_pairs(cfg: ml_collections.ConfigDict) -> list[sources.GradedPair]
 def make_batcher(config: ml_collections.ConfigDict, model: LoadedModel,
                  pairs: list[sources.GradedPair] | None = None) -> PairBatcher:
     data = config.data
+    if data.kind == "arrayrecord":  # built by `bixse-jax data build`; grain reads each process's records
+        from bixse_jax.data.grain_pipeline import GrainPairBatcher
+        if not data.path:
+            raise ValueError("data.kind='arrayrecord' needs --config.data.path=DATA_DIR/graded_pairs/NAME/1.0.0")
+        return GrainPairBatcher(data.path, model.tokenizer, global_batch_size=config.train.global_batch_size,
+                                query_max_len=data.query_max_len, doc_max_len=data.doc_max_len,
+                                buckets=tuple(data.buckets), seed=config.seed,
+                                query_prefix=config.model.query_prefix, split=data.split,
+                                worker_count=data.grain_workers)
     pairs = load_train_pairs(data) if pairs is None else pairs
     return PairBatcher(pairs, model.tokenizer,
                        global_batch_size=config.train.global_batch_size,

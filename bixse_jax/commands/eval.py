@@ -1,0 +1,141 @@
+"""`bixse-jax eval`: retrieval / re-ranking metrics on a BEIR folder, or correlations on STS.
+
+  bixse-jax eval --model PATH --beir DIR [--split test] [--k 10,100] [--run-out FILE] [--out FILE]
+  bixse-jax eval --model PATH --beir DIR --rerank RUNFILE|qrels [--rerank-depth N] ...
+  bixse-jax eval --model PATH --sts FILE [--out FILE]
+
+PATH is a HF / sentence-transformers folder, a hub name, or a training workdir (its newest
+checkpoint). `--rerank qrels` re-ranks each query's judged documents that have text (graded
+re-ranking, the TREC-DL 2019 protocol here); `--rerank RUNFILE` re-ranks a TREC run's candidates.
+Prints one JSON object and, with --out, writes it to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+from typing import Callable
+
+# Errors that are the user's input, reported as one line without a traceback.
+_USER_ERRORS = (ValueError, FileNotFoundError)
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags every command that encodes texts shares."""
+    parser.add_argument("--model", required=True,
+                        help="HF / sentence-transformers folder, hub name, or training workdir")
+    parser.add_argument("--max-len", type=int, default=None,
+                        help="token limit (default: the model's max_seq_length, or a workdir's training lengths)")
+    parser.add_argument("--query-max-len", type=int, default=None, help="token limit for queries (default: --max-len)")
+    parser.add_argument("--query-prefix", default=None,
+                        help="text prepended to queries (default: the model's query prompt / the run's query_prefix)")
+    parser.add_argument("--batch-size", type=int, default=128, help="texts per encoder call, over all devices")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: newest)")
+
+
+def load_encoder(args: argparse.Namespace):
+    from bixse_jax.eval.evaluate import load_text_encoder
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return load_text_encoder(args.model, dtype=args.dtype, batch_size=args.batch_size, max_len=args.max_len,
+                             query_max_len=args.query_max_len, query_prefix=args.query_prefix,
+                             step=args.step, show_progress=True)
+
+
+def run_guarded(prog: str, body: Callable[[], None]) -> None:
+    """Runs a command; bad input ends it with `prog: error: message` and exit status 1."""
+    try:
+        body()
+    except _USER_ERRORS as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def parse_ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise ValueError(f"--k must be comma-separated integers, got {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise ValueError(f"--k values must be >= 1, got {text!r}")
+    return ks
+
+
+def write_json(obj: dict, out: str | None) -> None:
+    text = json.dumps(obj, indent=2)
+    print(text)
+    if out:
+        path = pathlib.Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(parser)
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--beir", help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv")
+    data.add_argument("--sts", help="STS Benchmark file (tab-separated)")
+    parser.add_argument("--split", default="test", help="qrels split (default: test)")
+    parser.add_argument("--k", default="10,100", help="cut-offs for nDCG@k and Recall@k (default: 10,100)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="retrieval depth; MAP is over it (default: max(100, largest --k))")
+    parser.add_argument("--rerank", default=None, metavar="RUNFILE|qrels",
+                        help="re-rank each query's candidates from a TREC run, or its judged documents")
+    parser.add_argument("--rerank-depth", type=int, default=None, help="candidates taken per query from the run")
+    parser.add_argument("--skip-missing-docs", action=argparse.BooleanOptionalAction, default=None,
+                        help="drop judgments of documents without text (default: on with --rerank)")
+    parser.add_argument("--run-out", default=None, help="write the ranking as a TREC run file")
+    parser.add_argument("--tag", default="bixse-jax", help="run tag in --run-out")
+    parser.add_argument("--out", default=None, help="also write the JSON result here")
+    return parser
+
+
+def main(argv: list[str]) -> None:
+    parser = _parser(argv[0])
+    args = parser.parse_args(argv[1:])
+    if args.sts and (args.rerank or args.run_out or args.top_k or args.rerank_depth):
+        parser.error("--rerank, --rerank-depth, --top-k and --run-out need --beir")
+    run_guarded(argv[0], lambda: _evaluate(args))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from bixse_jax.data import sources
+    from bixse_jax.eval import evaluate, run_files
+
+    start = time.perf_counter()
+    result: dict = {"model": args.model}
+    if args.sts:
+        pairs = sources.read_sts(args.sts)  # read before the model loads: bad data fails fast
+        enc = load_encoder(args)
+        result.update(data=args.sts, task="sts", pairs=len(pairs), metrics=evaluate.evaluate_sts(enc, pairs))
+    else:
+        ks = parse_ks(args.k)
+        skip = bool(args.rerank) if args.skip_missing_docs is None else args.skip_missing_docs
+        queries, corpus, qrels = sources.read_beir_eval(args.beir, args.split, skip_missing_docs=skip)
+        result.update(data=args.beir, split=args.split, queries=len(qrels), skip_missing_docs=skip)
+        if args.rerank:
+            if args.rerank == "qrels":
+                pools, missing = evaluate.judged_pool(qrels), 0
+            else:
+                pools, missing = evaluate.run_pool(run_files.read_run(args.rerank), corpus, args.rerank_depth)
+            enc = load_encoder(args)
+            metrics, run = evaluate.evaluate_rerank(enc, queries, corpus, qrels, pools, ks=ks)
+            result.update(task="rerank", candidates=args.rerank, candidates_without_text=missing)
+        else:
+            top_k = args.top_k or max(100, *ks)
+            enc = load_encoder(args)
+            metrics, run = evaluate.evaluate_retrieval(enc, queries, corpus, qrels, ks=ks, top_k=top_k)
+            result.update(task="retrieval", documents=len(corpus), top_k=top_k)
+        result["metrics"] = metrics
+        if args.run_out:
+            run_files.write_run(args.run_out, run, tag=args.tag)
+            result["run_file"] = args.run_out
+    result.update(model_source=enc.source, query_max_len=enc.query_max_len, doc_max_len=enc.doc_max_len,
+                  seconds=round(time.perf_counter() - start, 1))
+    write_json(result, args.out)

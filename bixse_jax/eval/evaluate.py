@@ -1,0 +1,182 @@
+"""BEIR retrieval, candidate re-ranking and STS evaluation, shared by `bixse-jax eval` and training.
+
+A `TextEncoder` binds a model to how its texts are encoded (query prefix, lengths, batch size);
+training swaps in its current parameters with `with_params`. Models load from a HF /
+sentence-transformers folder, a bixse-jax export, or a training workdir (its latest checkpoint's
+encoder), through bixse_jax.export.
+
+Re-ranking scores each query only against its own candidate pool: a run file's retrieved
+documents, or the judged documents of the query (`judged_pool`), which is how TREC-DL 2019 is
+evaluated here, since its corpus holds only candidates and some judged passages have no text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Sequence
+
+import numpy as np
+from jax.sharding import Mesh
+
+from bixse_jax.data.batching import Tokenizer
+from bixse_jax.data.sources import GradedPair
+from bixse_jax.eval import metrics
+from bixse_jax.eval.encode import encode_texts
+from bixse_jax.eval.search import top_k_run, top_k_search
+from bixse_jax.models.encoder import SentenceEncoder
+
+Qrels = metrics.Qrels
+Run = metrics.Run
+Candidates = dict[str, list[str]]  # query id -> candidate doc ids
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoder:
+    """A model plus the settings its texts are encoded with; queries and documents differ."""
+
+    encoder: SentenceEncoder
+    params: dict
+    tokenizer: Tokenizer
+    query_max_len: int
+    doc_max_len: int
+    query_prefix: str = ""
+    batch_size: int = 128
+    mesh: Mesh | None = None
+    show_progress: bool = False
+    source: str = ""  # what was loaded, for reports
+
+    def queries(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encode(texts, self.query_max_len, self.query_prefix)
+
+    def documents(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encode(texts, self.doc_max_len, "")
+
+    def with_params(self, params: dict) -> "TextEncoder":
+        return dataclasses.replace(self, params=params)
+
+    def _encode(self, texts: Sequence[str], max_len: int, prefix: str) -> np.ndarray:
+        return encode_texts(self.encoder, self.params, self.tokenizer, list(texts), max_len=max_len,
+                            batch_size=self.batch_size, mesh=self.mesh, prefix=prefix,
+                            show_progress=self.show_progress)
+
+
+# ----------------------------------------------------------------------------
+# Evaluations.
+# ----------------------------------------------------------------------------
+
+
+def evaluate_sts(enc: TextEncoder, pairs: Sequence[GradedPair]) -> dict[str, float]:
+    """Spearman and Pearson of cosine(sentence 1, sentence 2) against the gold scores."""
+    a = _unit(enc.documents([p.query for p in pairs]))
+    b = _unit(enc.documents([p.document for p in pairs]))
+    cos = np.sum(a * b, axis=1)
+    gold = np.array([p.score for p in pairs])
+    return {"spearman": metrics.spearman(cos, gold), "pearson": metrics.pearson(cos, gold)}
+
+
+def retrieve(enc: TextEncoder, queries: dict[str, str], corpus: dict[str, str], top_k: int) -> Run:
+    """Each query's top_k documents of the whole corpus by exact inner product."""
+    qids, dids = list(queries), list(corpus)
+    q = enc.queries([queries[i] for i in qids])
+    d = enc.documents([corpus[i] for i in dids])
+    scores, indices = top_k_search(q, d, top_k, mesh=enc.mesh)
+    return top_k_run(qids, dids, scores, indices)
+
+
+def evaluate_retrieval(enc: TextEncoder, queries: dict[str, str], corpus: dict[str, str], qrels: Qrels, *,
+                       ks: Sequence[int] = (10, 100), top_k: int | None = None) -> tuple[dict[str, float], Run]:
+    """Full-corpus retrieval: (metrics, run). MAP is over the retrieved depth top_k (default max(ks))."""
+    run = retrieve(enc, queries, corpus, max(ks) if top_k is None else top_k)
+    return metrics.evaluate_run(run, qrels, ks=tuple(ks)), run
+
+
+def judged_pool(qrels: Qrels) -> Candidates:
+    """Every query's judged documents (any grade, 0 included) as its candidate pool."""
+    return {qid: list(judged) for qid, judged in qrels.items()}
+
+
+def run_pool(run: Run, corpus: dict[str, str], depth: int | None = None) -> tuple[Candidates, int]:
+    """Each query's top-`depth` documents of a run that have text; also how many had none."""
+    pools, missing = {}, 0
+    for qid, scores in run.items():
+        ranked = sorted(scores, key=lambda d: (scores[d], d), reverse=True)[:depth]
+        pools[qid] = [d for d in ranked if d in corpus]
+        missing += len(ranked) - len(pools[qid])
+    return pools, missing
+
+
+def rerank(enc: TextEncoder, queries: dict[str, str], corpus: dict[str, str], pools: Candidates) -> Run:
+    """Scores each query against its own pool; every pooled document is encoded once."""
+    qids = [q for q in queries if pools.get(q)]
+    dids = list(dict.fromkeys(d for q in qids for d in pools[q]))
+    unknown = [d for d in dids if d not in corpus]
+    if unknown:
+        raise ValueError(f"{len(unknown)} candidate documents have no text, e.g. {unknown[:3]}")
+    row = {d: i for i, d in enumerate(dids)}
+    q = enc.queries([queries[i] for i in qids])
+    d = enc.documents([corpus[i] for i in dids])
+    run = {}
+    for r, qid in enumerate(qids):
+        idx = np.array([row[x] for x in pools[qid]])
+        run[qid] = dict(zip(pools[qid], (d[idx] @ q[r]).tolist()))
+    return run
+
+
+def evaluate_rerank(enc: TextEncoder, queries: dict[str, str], corpus: dict[str, str], qrels: Qrels,
+                    pools: Candidates, *, ks: Sequence[int] = (10, 100)) -> tuple[dict[str, float], Run]:
+    """Re-ranking of each judged query's pool: (metrics, run). Queries without a pool score 0."""
+    run = rerank(enc, {q: queries[q] for q in qrels}, corpus, pools)
+    out = metrics.evaluate_run(run, qrels, ks=tuple(ks))
+    out["mean_pool_size"] = float(np.mean([len(s) for s in run.values()])) if run else 0.0
+    return out, run
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+# ----------------------------------------------------------------------------
+# Loading a model to evaluate.
+# ----------------------------------------------------------------------------
+
+
+def is_workdir(path: str | pathlib.Path) -> bool:
+    """A training run folder: `checkpoints/` next to the `config.json` the run wrote."""
+    path = pathlib.Path(path)
+    return (path / "checkpoints").is_dir() and (path / "config.json").is_file()
+
+
+def load_text_encoder(name_or_path: str | pathlib.Path, *, dtype: str = "float32", batch_size: int = 128,
+                      max_len: int | None = None, query_max_len: int | None = None,
+                      query_prefix: str | None = None, step: int | None = None, mesh: Mesh | None = None,
+                      show_progress: bool = False) -> TextEncoder:
+    """A model folder (HF, sentence-transformers or a bixse-jax export), a hub name, or a training workdir.
+
+    A workdir gives its newest checkpoint's encoder (or `step`'s), read by bixse_jax.export without
+    the optimiser state. Defaults: the query prompt (a workdir's `model.query_prefix`) and lengths
+    (a workdir's or export's training lengths, else the folder's max_seq_length, else the position
+    limit). `max_len` sets both lengths, `query_max_len` the query length alone.
+    """
+    from bixse_jax import export
+
+    if is_workdir(name_or_path):
+        model = export.restore_checkpoint(name_or_path, step)
+        config = dataclasses.replace(model.config, dtype=dtype)
+        model = dataclasses.replace(model, encoder=SentenceEncoder(config, model.encoder.pooling,
+                                                                   model.encoder.normalize))
+        source = f"{model.source['workdir']} (checkpoint {model.source['step']}, base {model.source['base_model']})"
+    else:
+        if step is not None:
+            raise ValueError(f"{name_or_path}: a checkpoint step needs a training workdir")
+        model = export.load_encoder(name_or_path, dtype=dtype)
+        source = str(model.model_dir)
+    limit = model.config.max_position_embeddings - model.config.position_offset
+    query_len = query_max_len or max_len or export.max_length(model, query=True)
+    doc_len = max_len or export.max_length(model, query=False)
+    for name, value in (("query max length", query_len), ("max length", doc_len)):
+        if not 1 <= value <= limit:
+            raise ValueError(f"{name} {value} is outside 1..{limit}, the model's position limit")
+    return TextEncoder(model.encoder, model.params, model.tokenizer, query_max_len=query_len, doc_max_len=doc_len,
+                       query_prefix=model.settings.query_prompt if query_prefix is None else query_prefix,
+                       batch_size=batch_size, mesh=mesh, show_progress=show_progress, source=source)

@@ -1,0 +1,278 @@
+"""`bixse-jax encode / eval / mine`, the shared evaluation functions, and workdir loading (tiny model)."""
+
+import json
+import pathlib
+import re
+
+import numpy as np
+import pytest
+
+from bixse_jax.commands import encode as encode_cmd
+from bixse_jax.commands import eval as eval_cmd
+from bixse_jax.commands import mine as mine_cmd
+from bixse_jax.data import sources
+from bixse_jax.default_config import base_config
+from bixse_jax.eval import evaluate, metrics, run_files
+
+WORDS = ["protein", "cell", "gene", "virus", "brain", "heart", "drug", "trial", "mouse", "cancer",
+         "blood", "liver", "sleep", "diet", "exercise", "memory"]
+
+
+def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def beir_dir(tmp_path_factory) -> pathlib.Path:
+    """40 documents, 8 queries with graded test and train qrels; d39's text is absent (like TREC-DL)."""
+    root = tmp_path_factory.mktemp("beir")
+    rng = np.random.default_rng(0)
+    docs = [{"_id": f"d{j}", "title": WORDS[j % 16], "text": " ".join(rng.choice(WORDS, 6))} for j in range(39)]
+    _write_jsonl(root / "corpus.jsonl", docs)
+    _write_jsonl(root / "queries.jsonl", [{"_id": f"q{i}", "text": f"{WORDS[i]} and {WORDS[i + 4]}"} for i in range(8)])
+    (root / "qrels").mkdir()
+    for split, offset in (("test", 0), ("train", 1)):
+        rows = ["query-id\tcorpus-id\tscore"]
+        for i in range(8):
+            for j, grade in ((i + offset, 2), (i + 16, 1), (i + 24, 0)):
+                rows.append(f"q{i}\td{j}\t{grade}")
+        rows.append("q0\td39\t3")  # judged, but without text
+        (root / "qrels" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_enc(tiny_model_dir) -> evaluate.TextEncoder:
+    return evaluate.load_text_encoder(tiny_model_dir, max_len=32, query_prefix="query: ")
+
+
+def _run_cli(module, args: list[str], capsys) -> dict:
+    module.main([f"bixse-jax {module.__name__.rsplit('.', 1)[1]}", *args])
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{"):])
+
+
+def _cli_error(module, args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        module.main(["bixse-jax x", *args])
+    assert e.value.code == 1
+    return capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------
+# encode
+# ----------------------------------------------------------------------------
+
+
+def test_encode_txt_and_jsonl_match_the_encoder(tiny_model_dir, tiny_enc, tmp_path, capsys):
+    texts = ["a short sentence", "protein folding in the cell", "x"]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    _write_jsonl(tmp_path / "in.jsonl", [{"title": "Heart", "text": "blood flow"}, {"text": "no title"}])
+    info = _run_cli(encode_cmd, ["--model", str(tiny_model_dir), "--input", str(tmp_path / "in.txt"),
+                                 "--out", str(tmp_path / "docs.npy"), "--max-len", "32"], capsys)
+    docs = np.load(tmp_path / "docs.npy")
+    assert info["shape"] == [3, 32] and docs.dtype == np.float32
+    np.testing.assert_allclose(docs, tiny_enc.documents(texts), atol=1e-6)
+    _run_cli(encode_cmd, ["--model", str(tiny_model_dir), "--input", str(tmp_path / "in.txt"), "--query",
+                          "--query-prefix", "query: ", "--out", str(tmp_path / "q.npy"), "--max-len", "32"], capsys)
+    queries = np.load(tmp_path / "q.npy")
+    np.testing.assert_allclose(queries, tiny_enc.queries(texts), atol=1e-6)
+    assert not np.allclose(queries, docs, atol=1e-3)  # the prefix changed the embeddings
+    _run_cli(encode_cmd, ["--model", str(tiny_model_dir), "--input", str(tmp_path / "in.jsonl"),
+                          "--out", str(tmp_path / "j.npy"), "--max-len", "32"], capsys)
+    np.testing.assert_allclose(np.load(tmp_path / "j.npy"), tiny_enc.documents(["Heart blood flow", "no title"]),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("in.txt", "first\n\nthird\n", r"in.txt:2: empty line"),
+    ("in.txt", "first\n   \n", r"in.txt:2: empty line"),
+    ("in.jsonl", '{"text": "ok"}\n{"title": "t"}\n', r'in.jsonl:2: field "text": missing'),
+    ("in.jsonl", '{"text": "ok"}\n{"text": "  "}\n', r'in.jsonl:2: field "text": must not be empty'),
+    ("in.jsonl", '{"text": "ok"}\n{"text": 3}\n', r'in.jsonl:2: field "text": must be a string'),
+    ("in.jsonl", '{"text": "ok"}\n[1]\n', r"in.jsonl:2: expected a JSON object"),
+    ("in.csv", "a\n", r"expected a .txt or .jsonl file"),
+])
+def test_encode_bad_input_names_file_and_line(tiny_model_dir, tmp_path, capsys, name, content, match):
+    (tmp_path / name).write_text(content)
+    err = _cli_error(encode_cmd, ["--model", str(tiny_model_dir), "--input", str(tmp_path / name),
+                                  "--out", str(tmp_path / "e.npy")], capsys)
+    assert re.search(match, err), err
+    assert not (tmp_path / "e.npy").exists()
+
+
+# ----------------------------------------------------------------------------
+# eval: retrieval, re-ranking, STS
+# ----------------------------------------------------------------------------
+
+
+def test_eval_beir_retrieval_writes_metrics_and_run(tiny_model_dir, tiny_enc, beir_dir, tmp_path, capsys):
+    args = ["--model", str(tiny_model_dir), "--beir", str(beir_dir), "--max-len", "32", "--query-prefix", "query: ",
+            "--k", "5,20", "--top-k", "30", "--run-out", str(tmp_path / "run.trec"), "--out", str(tmp_path / "m.json")]
+    result = _run_cli(eval_cmd, args + ["--skip-missing-docs"], capsys)
+    assert result == json.loads((tmp_path / "m.json").read_text())
+    assert result["task"] == "retrieval" and result["queries"] == 8 and result["documents"] == 39
+    run = run_files.read_run(tmp_path / "run.trec")
+    assert len(run) == 8 and all(len(docs) == 30 for docs in run.values())
+    _, _, qrels = sources.read_beir_eval(beir_dir, "test", skip_missing_docs=True)
+    assert result["metrics"] == pytest.approx(metrics.evaluate_run(run, qrels, ks=(5, 20)), abs=1e-12)
+    # The same numbers as the library call training uses, with scores from a plain matmul.
+    queries, corpus, _ = sources.read_beir_eval(beir_dir, "test", skip_missing_docs=True)
+    want = tiny_enc.queries(list(queries.values())) @ tiny_enc.documents(list(corpus.values())).T
+    got = np.array([[run[q].get(d, -np.inf) for d in corpus] for q in queries])
+    top = np.isfinite(got)
+    np.testing.assert_allclose(got[top], want[top], atol=1e-5)
+    assert (want[top].reshape(8, 30).min(axis=1) >= np.where(top, -np.inf, want).max(axis=1) - 1e-5).all()
+    # Without skipping, the judged document without text is an error naming file, line and field.
+    err = _cli_error(eval_cmd, args, capsys)
+    assert "test.tsv:26" in err and "corpus-id" in err and "d39" in err
+
+
+def test_eval_rerank_judged_pool_and_run_file(tiny_model_dir, tiny_enc, beir_dir, tmp_path, capsys):
+    base = ["--model", str(tiny_model_dir), "--beir", str(beir_dir), "--max-len", "32", "--query-prefix", "query: "]
+    result = _run_cli(eval_cmd, base + ["--rerank", "qrels", "--run-out", str(tmp_path / "rr.trec")], capsys)
+    assert result["task"] == "rerank" and result["skip_missing_docs"] is True
+    run = run_files.read_run(tmp_path / "rr.trec")
+    queries, corpus, qrels = sources.read_beir_eval(beir_dir, "test", skip_missing_docs=True)
+    assert {q: set(d) for q, d in run.items()} == {q: set(d) for q, d in qrels.items()}  # exactly the judged pool
+    q = tiny_enc.queries([queries["q3"]])[0]
+    d = tiny_enc.documents([corpus[x] for x in run["q3"]])
+    np.testing.assert_allclose(list(run["q3"].values()), d @ q, atol=1e-5)
+    assert result["metrics"]["mean_pool_size"] == pytest.approx(3.0)
+    # A run file as candidates: a document without text is dropped and counted.
+    (tmp_path / "cands.trec").write_text("".join(
+        f"q{i} Q0 d{j} {r + 1} {10 - r} bm25\n" for i in range(8) for r, j in enumerate([i, 30, 31, 39][:4 - (i > 0)])))
+    result = _run_cli(eval_cmd, base + ["--rerank", str(tmp_path / "cands.trec"), "--k", "1,3",
+                                        "--run-out", str(tmp_path / "rr2.trec")], capsys)
+    assert result["candidates_without_text"] == 1
+    run2 = run_files.read_run(tmp_path / "rr2.trec")
+    assert set(run2["q0"]) == {"d0", "d30", "d31"} and set(run2["q5"]) == {"d5", "d30", "d31"}
+    assert result["metrics"] == pytest.approx(metrics.evaluate_run(run2, qrels, ks=(1, 3)) | {"mean_pool_size": 3.0})
+    # A depth keeps each query's best candidates of the run.
+    result = _run_cli(eval_cmd, base + ["--rerank", str(tmp_path / "cands.trec"), "--rerank-depth", "1"], capsys)
+    assert result["metrics"]["mean_pool_size"] == 1.0 and result["metrics"]["recall@10"] == 0.5  # d_i of d_i, d_i+16
+
+
+def test_eval_errors(tiny_model_dir, beir_dir, tmp_path, capsys):
+    base = ["--model", str(tiny_model_dir), "--beir", str(beir_dir)]
+    err = _cli_error(eval_cmd, base + ["--split", "dev"], capsys)
+    assert "unknown split 'dev'" in err and "['test', 'train']" in err
+    (tmp_path / "bad.trec").write_text("q0 Q0 d0 1 0.5 x\nq1 Q0 d1 1 oops x\n")
+    err = _cli_error(eval_cmd, base + ["--rerank", str(tmp_path / "bad.trec")], capsys)
+    assert 'bad.trec:2: field "score": must be a number' in err
+    assert "--k values must be >= 1" in _cli_error(eval_cmd, base + ["--k", "10,0"], capsys)
+    assert "outside 1..128" in _cli_error(eval_cmd, base + ["--max-len", "1000", "--skip-missing-docs"], capsys)
+    with pytest.raises(SystemExit) as e:
+        eval_cmd.main(["bixse-jax eval", "--model", str(tiny_model_dir), "--sts", "x.csv", "--rerank", "qrels"])
+    assert e.value.code == 2
+
+
+def test_eval_sts(tiny_model_dir, tiny_enc, tmp_path, capsys):
+    rows = [("a cat sleeps", "a cat is sleeping", 4.5), ("a dog runs", "the market fell", 0.2),
+            ("protein binds", "a protein is bound", 3.8), ("heart rate", "sleep diet", 1.0)]
+    (tmp_path / "sts.csv").write_text("".join(f"g\tf\t2012\t{i}\t{s}\t{a}\t{b}\n" for i, (a, b, s) in enumerate(rows)))
+    result = _run_cli(eval_cmd, ["--model", str(tiny_model_dir), "--sts", str(tmp_path / "sts.csv"),
+                                 "--max-len", "32"], capsys)
+    a, b = tiny_enc.documents([r[0] for r in rows]), tiny_enc.documents([r[1] for r in rows])
+    assert result["metrics"]["spearman"] == pytest.approx(metrics.spearman(np.sum(a * b, 1), [r[2] for r in rows]))
+    assert result["pairs"] == 4
+
+
+# ----------------------------------------------------------------------------
+# mine
+# ----------------------------------------------------------------------------
+
+
+def test_mine_writes_top_k_candidates_that_are_not_training_pairs(tiny_model_dir, tiny_enc, beir_dir, tmp_path,
+                                                                  capsys):
+    out = tmp_path / "mined.jsonl"
+    info = _run_cli(mine_cmd, ["--model", str(tiny_model_dir), "--beir", str(beir_dir), "--k", "7", "--max-len", "32",
+                               "--query-prefix", "query: ", "--skip-missing-docs", "--out", str(out)], capsys)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert info["lines"] == len(rows) == 8 * 7
+    assert set(rows[0]) == {"query_id", "doc_id", "query", "document", "rank", "retrieval_score", "qrels_grade"}
+    queries, corpus, qrels = sources.read_beir_eval(beir_dir, "train", skip_missing_docs=True)
+    q0 = [r for r in rows if r["query_id"] == "q0"]
+    assert [r["rank"] for r in q0] == list(range(1, 8))
+    assert all(a["retrieval_score"] >= b["retrieval_score"] for a, b in zip(q0, q0[1:]))
+    scores = tiny_enc.documents(list(corpus.values())) @ tiny_enc.queries([queries["q0"]])[0]
+    assert q0[0]["doc_id"] == list(corpus)[int(np.argmax(scores))]
+    assert q0[0]["document"] == corpus[q0[0]["doc_id"]] and q0[0]["query"] == queries["q0"]
+    assert all(r["qrels_grade"] == qrels[r["query_id"]].get(r["doc_id"]) for r in rows)
+    # No "score" field: training refuses the file until a labeller adds grades.
+    with pytest.raises(sources.DataError, match=r'mined.jsonl:1: field "score": missing'):
+        sources.read_jsonl_pairs(out)
+
+
+# ----------------------------------------------------------------------------
+# Training's evaluator and training workdirs
+# ----------------------------------------------------------------------------
+
+
+def _tiny_config(tiny_model_dir, beir_dir):
+    c = base_config()
+    c.model.name_or_path = str(tiny_model_dir)
+    c.model.dropout = 0.0
+    c.model.query_prefix = "query: "
+    c.data.kind = "beir"
+    c.data.path = str(beir_dir)
+    c.data.skip_missing_docs = True
+    c.data.query_max_len = c.data.doc_max_len = 32
+    c.data.buckets = (16, 32)
+    c.train.global_batch_size = 8
+    c.train.num_steps = 2
+    c.train.warmup_steps = 1
+    c.train.learning_rate = 1e-2
+    c.train.checkpoint_every = 2
+    c.eval.path = str(beir_dir)
+    c.eval.skip_missing_docs = True
+    c.eval.ks = (5, 20)
+    return c
+
+
+def test_training_evaluator_kinds_match_the_cli_functions(tiny_model_dir, tiny_enc, beir_dir, tmp_path):
+    from bixse_jax import experiment
+
+    config = _tiny_config(tiny_model_dir, beir_dir)
+    model = experiment.load_model(config.model)
+    queries, corpus, qrels = sources.read_beir_eval(beir_dir, "test", skip_missing_docs=True)
+    config.eval.kind = "beir"
+    got = experiment.make_evaluator(config, model)(model.params)
+    assert got == pytest.approx(evaluate.evaluate_retrieval(tiny_enc, queries, corpus, qrels, ks=(5, 20), top_k=100)[0])
+    config.eval.kind = "rerank"
+    got = experiment.make_evaluator(config, model)(model.params)
+    want = evaluate.evaluate_rerank(tiny_enc, queries, corpus, qrels, evaluate.judged_pool(qrels), ks=(5, 20))[0]
+    assert got == pytest.approx(want) and got["mean_pool_size"] == 3.0
+    run_files.write_run(tmp_path / "c.trec", {"q1": {"d1": 2.0, "d9": 1.0}, "q2": {"d2": 1.0}})
+    config.eval.run_file = str(tmp_path / "c.trec")
+    got = experiment.make_evaluator(config, model)(model.params)
+    assert got["mean_pool_size"] == 1.5 and got["recall@5"] == pytest.approx(1 / 8)  # 2 of 8 queries, half each
+    config.eval.kind = "nope"
+    with pytest.raises(ValueError, match="rerank"):
+        experiment.make_evaluator(config, model)
+
+
+def test_workdir_loads_the_latest_checkpoint(tiny_model_dir, beir_dir, tmp_path, capsys):
+    import jax
+
+    from bixse_jax import train
+
+    config = _tiny_config(tiny_model_dir, beir_dir)
+    config.eval.kind = "none"
+    _, state = train.train(config, tmp_path / "run", show_progress=False)
+    assert evaluate.is_workdir(tmp_path / "run") and not evaluate.is_workdir(tiny_model_dir)
+    enc = evaluate.load_text_encoder(tmp_path / "run")
+    for a, b in zip(jax.tree.leaves(enc.params), jax.tree.leaves(jax.device_get(state.params["encoder"]))):
+        np.testing.assert_array_equal(a, b)
+    assert (enc.query_prefix, enc.query_max_len, enc.doc_max_len) == ("query: ", 32, 32)
+    assert "checkpoint 2" in enc.source
+    with pytest.raises(ValueError, match="no checkpoint of step 5"):
+        evaluate.load_text_encoder(tmp_path / "run", step=5)
+    base = evaluate.load_text_encoder(tiny_model_dir, max_len=32, query_prefix="query: ")
+    assert not np.allclose(enc.documents(["protein cell"]), base.documents(["protein cell"]), atol=1e-4)
+    result = _run_cli(eval_cmd, ["--model", str(tmp_path / "run"), "--step", "2", "--beir", str(beir_dir),
+                                 "--rerank", "qrels"], capsys)
+    queries, corpus, qrels = sources.read_beir_eval(beir_dir, "test", skip_missing_docs=True)
+    want = evaluate.evaluate_rerank(enc, queries, corpus, qrels, evaluate.judged_pool(qrels))[0]
+    assert result["metrics"] == pytest.approx(want)
+    assert result["model_source"] == enc.source
