@@ -143,7 +143,63 @@ class _TokenTable:
         return [self.tokens[r] for r in self.row_of_pair[pair_indices]]
 
 
-class PairBatcher:
+def check_processes(global_batch_size: int, seed: int, process_index: int | None,
+                    process_count: int | None) -> tuple[int, int]:
+    """(process_index, process_count), defaulting to JAX's, after checking the batch splits evenly."""
+    if process_index is None or process_count is None:
+        import jax  # pylint: disable=import-outside-toplevel  # Only when needed.
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} must be a positive "
+                         f"multiple of process_count {process_count}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return process_index, process_count
+
+
+class EpochOrder:
+    """Which pairs make up global batch `step`, and which of them this process feeds.
+
+    Epoch e visits the pairs in `default_rng([seed, e]).permutation(num_pairs)` order, global
+    batch s takes the (s mod steps_per_epoch)-th run of global_batch_size pairs of epoch
+    s // steps_per_epoch (the remainder is dropped), and process p takes the p-th contiguous
+    slice of it. Stateless in `step`, so resuming needs only the step number. Shared by every
+    batcher, so in-memory and ArrayRecord input make the same batches.
+    Needs: num_pairs, global_batch_size, local_batch_size, steps_per_epoch, process_index, seed.
+    """
+
+    num_pairs: int
+    global_batch_size: int
+    local_batch_size: int
+    steps_per_epoch: int
+    process_index: int
+    seed: int
+    _perm_cache: tuple[int, np.ndarray] | None = None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs)
+            self._perm_cache = (epoch, perm)
+        return self._perm_cache[1]
+
+    def global_indices(self, step: int) -> np.ndarray:
+        """Pair indices of global batch `step`, in batch order."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        epoch, within = divmod(step, self.steps_per_epoch)
+        size = self.global_batch_size
+        return self._permutation(epoch)[within * size:(within + 1) * size]
+
+    def local_indices(self, step: int) -> np.ndarray:
+        """Pair indices of this process's slice of global batch `step`."""
+        start = self.process_index * self.local_batch_size
+        return self.global_indices(step)[start:start + self.local_batch_size]
+
+
+class PairBatcher(EpochOrder):
     """Deterministic global batches of graded pairs; each process gets its slice.
 
     Global batch `step` is drawn without replacement from epoch `step // spe`,
@@ -165,20 +221,10 @@ class PairBatcher:
         process_index: int | None = None,
         process_count: int | None = None,
     ):
-        if process_index is None or process_count is None:
-            import jax  # pylint: disable=import-outside-toplevel  # Only when needed.
-            process_index = jax.process_index() if process_index is None else process_index
-            process_count = jax.process_count() if process_count is None else process_count
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        if global_batch_size <= 0 or global_batch_size % process_count:
-            raise ValueError(f"global_batch_size {global_batch_size} must be a positive "
-                             f"multiple of process_count {process_count}")
+        process_index, process_count = check_processes(global_batch_size, seed, process_index, process_count)
         if len(pairs) < global_batch_size:
             raise ValueError(f"{len(pairs)} pairs are fewer than one global batch "
                              f"({global_batch_size})")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
         self.num_pairs = len(pairs)
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // process_count
@@ -186,7 +232,7 @@ class PairBatcher:
         self.process_index = process_index
         self.query_max_len, self.doc_max_len = query_max_len, doc_max_len
         self._buckets = tuple(buckets)
-        self._seed = seed
+        self.seed = seed
         self._pad_id = tokenizer.pad_id
         show = process_index == 0
         self._queries = _TokenTable([(p.instruction or query_prefix) + p.query for p in pairs],
@@ -196,26 +242,6 @@ class PairBatcher:
         self._query_ids = _dense_index([p.query_id for p in pairs])
         self._doc_ids = _dense_index([p.doc_id for p in pairs])
         self._grades = np.asarray([p.score for p in pairs], dtype=np.float32)
-        self._perm_cache: tuple[int, np.ndarray] | None = None
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if self._perm_cache is None or self._perm_cache[0] != epoch:
-            perm = np.random.default_rng([self._seed, epoch]).permutation(self.num_pairs)
-            self._perm_cache = (epoch, perm)
-        return self._perm_cache[1]
-
-    def global_indices(self, step: int) -> np.ndarray:
-        """Pair indices of global batch `step`, in batch order."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        epoch, within = divmod(step, self.steps_per_epoch)
-        size = self.global_batch_size
-        return self._permutation(epoch)[within * size:(within + 1) * size]
-
-    def local_indices(self, step: int) -> np.ndarray:
-        """Pair indices of this process's slice of global batch `step`."""
-        start = self.process_index * self.local_batch_size
-        return self.global_indices(step)[start:start + self.local_batch_size]
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's slice of global batch `step`, padded to global bucket lengths."""

@@ -28,7 +28,7 @@ import grain
 import numpy as np
 
 from bixse_jax.data import tfds_builder
-from bixse_jax.data.batching import Tokenizer, bucket_length, pad_batch
+from bixse_jax.data.batching import EpochOrder, Tokenizer, check_processes, bucket_length, pad_batch
 
 _NO_END = 2**62  # steps in the (endless) step dataset
 _LENGTH_CAP = 512
@@ -84,7 +84,7 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-class _LocalBatchLoader:
+class _LocalBatchLoader(EpochOrder):
     """step -> this process's padded slice of global batch `step`. Picklable: runs in workers."""
 
     def __init__(self, source, tokenizer: Tokenizer, lengths: np.ndarray, *, num_pairs: int,
@@ -103,7 +103,6 @@ class _LocalBatchLoader:
         self.buckets = tuple(buckets)
         self.seed = seed
         self.query_prefix = query_prefix
-        self._perm_cache: tuple[int, np.ndarray] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -117,23 +116,6 @@ class _LocalBatchLoader:
         if isinstance(lengths, tuple):
             state["lengths"] = np.load(lengths[1], mmap_mode="r")
         self.__dict__.update(state)
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if self._perm_cache is None or self._perm_cache[0] != epoch:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs)
-            self._perm_cache = (epoch, perm)
-        return self._perm_cache[1]
-
-    def global_indices(self, step: int) -> np.ndarray:
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        epoch, within = divmod(step, self.steps_per_epoch)
-        size = self.global_batch_size
-        return self._permutation(epoch)[within * size:(within + 1) * size]
-
-    def local_indices(self, step: int) -> np.ndarray:
-        start = self.process_index * self.local_batch_size
-        return self.global_indices(step)[start:start + self.local_batch_size]
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         indices = self.global_indices(step)
@@ -190,17 +172,7 @@ class GrainPairBatcher:
         worker_count: int = 0,
         worker_buffer_size: int = 2,
     ):
-        if process_index is None or process_count is None:
-            import jax  # pylint: disable=import-outside-toplevel  # Only when needed.
-            process_index = jax.process_index() if process_index is None else process_index
-            process_count = jax.process_count() if process_count is None else process_count
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        if global_batch_size <= 0 or global_batch_size % process_count:
-            raise ValueError(f"global_batch_size {global_batch_size} must be a positive "
-                             f"multiple of process_count {process_count}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+        process_index, process_count = check_processes(global_batch_size, seed, process_index, process_count)
         if worker_count < 0 or worker_buffer_size < 1:
             raise ValueError(f"worker_count must be >= 0 and worker_buffer_size >= 1, got "
                              f"{worker_count} and {worker_buffer_size}")
