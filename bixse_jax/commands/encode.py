@@ -14,7 +14,7 @@ import pathlib
 import numpy as np
 
 from bixse_jax.commands.eval import add_model_flags, load_encoder, run_guarded
-from bixse_jax.data.sources import DataError
+from bixse_jax.data.sources import DataError, parse_json_object, read_lines
 
 
 def read_texts(path: str | pathlib.Path) -> list[str]:
@@ -22,30 +22,18 @@ def read_texts(path: str | pathlib.Path) -> list[str]:
     path = pathlib.Path(path)
     if path.suffix not in (".txt", ".jsonl"):
         raise DataError(path, None, None, f"expected a .txt or .jsonl file, got {path.suffix or 'no suffix'!r}")
-    if not path.is_file():
-        raise DataError(path, None, None, "file not found")
     texts = []
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise DataError(path, number, None, f"not valid UTF-8 ({e})") from None
-            if not line.strip():
-                raise DataError(path, number, None, "empty line (every line must hold one text)")
-            texts.append(line if path.suffix == ".txt" else _jsonl_text(path, number, line))
+    for number, line in read_lines(path, keep_blank=True):
+        if not line.strip():
+            raise DataError(path, number, None, "empty line (every line must hold one text)")
+        texts.append(line if path.suffix == ".txt" else _jsonl_text(path, number, line))
     if not texts:
         raise DataError(path, None, None, "contains no texts")
     return texts
 
 
 def _jsonl_text(path: pathlib.Path, number: int, line: str) -> str:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(path, number, None, f"malformed JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise DataError(path, number, None, f"expected a JSON object, got {type(obj).__name__}")
+    obj = parse_json_object(path, number, line)
     if "text" not in obj:
         raise DataError(path, number, "text", "missing")
     for field in ("title", "text"):

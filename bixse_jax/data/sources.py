@@ -54,10 +54,11 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------
 
 
-def _lines(path: PathLike) -> Iterator[tuple[int, str]]:
-    """Yields (1-based line number, text without line ending), blank lines skipped.
+def read_lines(path: PathLike, *, keep_blank: bool = False) -> Iterator[tuple[int, str]]:
+    """Yields (1-based line number, text without line ending); blank lines skipped unless kept.
 
-    Decodes line by line so an encoding error still names its line.
+    Decodes line by line so an encoding error still names its line. Shared by every reader of
+    line-based files (pairs, qrels, STS, TREC runs, encode inputs).
     """
     path = pathlib.Path(path)
     if not path.is_file():
@@ -69,20 +70,24 @@ def _lines(path: PathLike) -> Iterator[tuple[int, str]]:
             except UnicodeDecodeError as e:
                 raise DataError(path, number, None, f"not valid UTF-8 ({e})") from None
             text = text.rstrip("\r\n")
-            if text.strip():
+            if keep_blank or text.strip():
                 yield number, text
 
 
+def parse_json_object(path: PathLike, number: int, text: str) -> dict[str, Any]:
+    """One JSONL line as a dict; anything else is an error naming file and line."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, number, None, f"malformed JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise DataError(path, number, None, f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def _json_objects(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    for number, text in _lines(path):
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(path, number, None, f"malformed JSON ({e})") from None
-        if not isinstance(obj, dict):
-            raise DataError(path, number, None,
-                            f"expected a JSON object, got {type(obj).__name__}")
-        yield number, obj
+    for number, text in read_lines(path):
+        yield number, parse_json_object(path, number, text)
 
 
 class _Row:
@@ -222,7 +227,7 @@ def _read_qrels(
 ) -> tuple[list[tuple[int, str, str, float]], float]:
     """Returns validated (line, query id, doc id, raw grade) rows and the file's top grade."""
     rows, top = [], 0.0
-    for number, text in _lines(path):
+    for number, text in read_lines(path):
         fields = text.split("\t")
         if number == 1 and tuple(f.strip() for f in fields) == _QRELS_HEADER:
             continue
@@ -335,7 +340,7 @@ def read_sts(path: PathLike) -> list[GradedPair]:
     score / 5 and the sentences serve as their own ids.
     """
     pairs = []
-    for number, text in _lines(path):
+    for number, text in read_lines(path):
         fields = text.split("\t")
         if len(fields) not in _STS_FIELD_COUNTS:
             raise DataError(path, number, None,

@@ -11,7 +11,7 @@ import math
 import os
 import pathlib
 
-from bixse_jax.data.sources import DataError
+from bixse_jax.data.sources import DataError, read_lines
 
 Run = dict[str, dict[str, float]]  # query id -> doc id -> score
 
@@ -45,36 +45,27 @@ def read_run(path: str | os.PathLike) -> Run:
     A document listed twice for the same query is an error (trec_eval would silently keep one).
     """
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise DataError(path, None, None, "file not found")
     run: Run = {}
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(path, number, None, f"not valid UTF-8 ({e})") from None
-            fields = text.split()
-            if not fields:
-                continue
-            if len(fields) != len(_FIELDS):
-                raise DataError(path, number, None, f"expected 6 fields ({' '.join(_FIELDS)}), "
-                                f"got {len(fields)}")
-            qid, _, did, rank, score_text, _ = fields
-            try:
-                int(rank)
-            except ValueError:
-                raise DataError(path, number, "rank", f"must be an integer, got {rank!r}") from None
-            try:
-                score = float(score_text)
-            except ValueError:
-                raise DataError(path, number, "score", f"must be a number, got {score_text!r}") from None
-            if not math.isfinite(score):
-                raise DataError(path, number, "score", f"must be finite, got {score_text!r}")
-            scores = run.setdefault(qid, {})
-            if did in scores:
-                raise DataError(path, number, "doc-id", f"{did!r} is listed twice for query {qid!r}")
-            scores[did] = score
+    for number, text in read_lines(path):
+        fields = text.split()
+        if len(fields) != len(_FIELDS):
+            raise DataError(path, number, None, f"expected 6 fields ({' '.join(_FIELDS)}), "
+                            f"got {len(fields)}")
+        qid, _, did, rank, score_text, _ = fields
+        try:
+            int(rank)
+        except ValueError:
+            raise DataError(path, number, "rank", f"must be an integer, got {rank!r}") from None
+        try:
+            score = float(score_text)
+        except ValueError:
+            raise DataError(path, number, "score", f"must be a number, got {score_text!r}") from None
+        if not math.isfinite(score):
+            raise DataError(path, number, "score", f"must be finite, got {score_text!r}")
+        scores = run.setdefault(qid, {})
+        if did in scores:
+            raise DataError(path, number, "doc-id", f"{did!r} is listed twice for query {qid!r}")
+        scores[did] = score
     if not run:
         raise DataError(path, None, None, "contains no run lines")
     return run
