@@ -6,41 +6,27 @@ nothing, so `train` can call it before touching the workdir.
 
 from __future__ import annotations
 
-import dataclasses
-import pathlib
 from typing import Callable
 
 import ml_collections
 
 from bixse_jax.data import sources
-from bixse_jax.data.batching import PairBatcher, Tokenizer
-from bixse_jax.models import hf_io
-from bixse_jax.models.encoder import SentenceEncoder
+from bixse_jax.data.batching import PairBatcher
+from bixse_jax.export import SentenceModel, load_encoder
 
 Evaluator = Callable[[dict], dict[str, float]]
 
 
-@dataclasses.dataclass
-class LoadedModel:
-    encoder: SentenceEncoder
-    params: dict  # float32 numpy, HF Flax layout
-    tokenizer: Tokenizer
-    model_dir: pathlib.Path
-    settings: hf_io.SentenceSettings
+def load_model(cfg: ml_collections.ConfigDict) -> SentenceModel:
+    """The pretrained encoder named by `model.name_or_path`, with the training-time overrides.
 
-
-def load_model(cfg: ml_collections.ConfigDict) -> LoadedModel:
-    """The pretrained encoder named by `model.name_or_path`, with the training-time overrides."""
+    Goes through the same loader as `bixse-jax eval` and the public API, so a bixse-jax export
+    (its bixse.json pooling and prompt) fine-tunes like any HF / sentence-transformers folder.
+    """
     overrides = {"dtype": cfg.dtype, "remat": cfg.remat, "attention_impl": cfg.attention_impl}
     if cfg.dropout is not None:
         overrides["hidden_dropout_prob"] = float(cfg.dropout)
-    config, params, model_dir = hf_io.load_pretrained(cfg.name_or_path, **overrides)
-    settings = hf_io.read_sentence_settings(model_dir)
-    tokenizer = Tokenizer.from_model_dir(model_dir)
-    tokenizer.check_vocab(config.vocab_size, source=str(model_dir))
-    encoder = SentenceEncoder(config, pooling=cfg.pooling or settings.pooling,
-                              normalize=settings.normalize if cfg.normalize is None else bool(cfg.normalize))
-    return LoadedModel(encoder, params, tokenizer, model_dir, settings)
+    return load_encoder(cfg.name_or_path, pooling=cfg.pooling, normalize=cfg.normalize, **overrides)
 
 
 def load_train_pairs(cfg: ml_collections.ConfigDict) -> list[sources.GradedPair] | None:
@@ -59,7 +45,7 @@ def load_train_pairs(cfg: ml_collections.ConfigDict) -> list[sources.GradedPair]
     return sources.load_pairs(cfg.kind, cfg.path, **kwargs)
 
 
-def make_batcher(config: ml_collections.ConfigDict, model: LoadedModel,
+def make_batcher(config: ml_collections.ConfigDict, model: SentenceModel,
                  pairs: list[sources.GradedPair] | None = None) -> PairBatcher:
     data = config.data
     if data.kind == "arrayrecord":  # built by `bixse-jax data build`; grain reads each process's records
@@ -78,7 +64,7 @@ def make_batcher(config: ml_collections.ConfigDict, model: LoadedModel,
                        buckets=tuple(data.buckets), seed=config.seed, query_prefix=config.model.query_prefix)
 
 
-def make_evaluator(config: ml_collections.ConfigDict, model: LoadedModel) -> Evaluator | None:
+def make_evaluator(config: ml_collections.ConfigDict, model: SentenceModel) -> Evaluator | None:
     """A function params -> metrics for `eval.kind` (demo / beir / rerank / sts), or None for 'none'.
 
     Data are read and validated here, once; each call only encodes and scores (bixse_jax.eval.evaluate).

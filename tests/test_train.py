@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -16,9 +15,8 @@ from bixse_jax import parallel, train
 from bixse_jax.default_config import base_config
 from bixse_jax.models import hf_io
 from bixse_jax.models.encoder import SentenceEncoder
-from train_utils import flat_params as _flat_params, pairs_jsonl as _pairs_jsonl, tiny_config as _config
+from train_utils import cli_overrides, flat_params as _flat_params, pairs_jsonl as _pairs_jsonl, tiny_config as _config
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _batch_with_cross_device_duplicates(tok, b=16, seed=0):
@@ -153,11 +151,9 @@ def test_failed_start_leaves_workdir_untouched(tiny_model_dir, tmp_path):
 def test_cli_train_writes_checkpoints_and_metrics(tiny_model_dir, tmp_path):
     data = _pairs_jsonl(tmp_path / "pairs.jsonl")
     workdir = tmp_path / "cli_run"
-    cmd = [sys.executable, "-m", "bixse_jax.cli", "train", "--config", str(REPO / "configs" / "demo.py"),
-           "--workdir", str(workdir), f"--config.model.name_or_path={tiny_model_dir}",
-           "--config.model.dropout=0.0", "--config.data.kind=jsonl", f"--config.data.path={data}",
-           "--config.train.global_batch_size=16", "--config.train.num_steps=4", "--config.train.log_every=2",
-           "--config.train.checkpoint_every=2", "--config.eval.kind=none"]
+    cmd = [sys.executable, "-m", "bixse_jax.cli", "train", "--workdir", str(workdir),
+           *cli_overrides(tiny_model_dir, data, **{"train.num_steps": 4, "train.log_every": 2,
+                                                   "train.checkpoint_every": 2})]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
