@@ -3,9 +3,13 @@
 import numpy as np
 import pytest
 
-pytest.importorskip("torch", reason="interop test: needs torch==2.13.0 (pip install torch==2.13.0)")
-sentence_transformers = pytest.importorskip(
-    "sentence_transformers", reason="interop test: needs sentence-transformers 6.x (pip install 'sentence-transformers>=6,<7')")
+from conftest import skip_unless_ci  # noqa: E402
+
+try:
+    import torch  # noqa: F401
+    import sentence_transformers
+except ImportError as e:
+    skip_unless_ci(f"interop test: needs torch==2.13.0 and sentence-transformers 6.x ({e})")
 
 import bixse_jax  # noqa: E402
 
