@@ -89,13 +89,14 @@ def test_ten_kill_nines_resume_from_complete_checkpoints(tiny_model_dir, tmp_pat
         log_path = tmp_path / f"log{attempt}.txt"
         with open(log_path, "w") as log:
             proc = _start(workdir, cli_overrides(tiny_model_dir, data, **settings), log)
-            if not _wait_for_new_metrics(proc, metrics, _lines(metrics)):
+            # Let it train 1 to 5 logged steps (checkpoints come every 3), then kill at a random moment.
+            if not _wait_for_new_metrics(proc, metrics, _lines(metrics) + int(rng.integers(0, 5))):
                 break  # the run finished before this kill
-            time.sleep(float(rng.uniform(0.0, 1.5)))
+            time.sleep(float(rng.uniform(0.0, 1.0)))
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=60)
             kills += 1
-        resumed = re.findall(r"resumed from checkpoint step (\d+)", log_path.read_text())
+        resumed = re.findall(r"\[bixse-jax\] resumed from checkpoint step (\d+)", log_path.read_text())
         if complete_before:  # it must have resumed from the newest complete checkpoint
             assert resumed == [str(complete_before[-1])], log_path.read_text()[-2000:]
         else:
