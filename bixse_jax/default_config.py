@@ -34,6 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_grade = ml_collections.FieldReference(None, field_type=float)  # beir: grade/max_grade
     c.data.keep_zero_grades = True  # beir: grade-0 qrels become labelled negatives
     c.data.skip_missing_docs = False  # beir: drop qrels whose document has no text
+    c.data.folds = 0  # beir: k-fold cross-validation by query (0: off); train on all folds but `fold`
+    c.data.fold = 0  # the held-out fold, which eval.kind beir / rerank then evaluates alone
+    c.data.fold_seed = 0  # shuffles the queries before they are dealt into folds
     c.data.demo_seed = 0
     c.data.grain_workers = 0  # arrayrecord: processes that read and tokenise batches (0: in-process)
     c.data.query_max_len = 32
@@ -62,7 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_clip_norm = 1.0
     c.train.logit_params_lr_multiplier = 100.0  # t and b learn this much faster than the encoder
     c.train.log_every = 10
-    c.train.checkpoint_every = 100
+    c.train.checkpoint_every = 100  # 0: no checkpoints at all (sweeps that only want the metrics)
     c.train.keep_checkpoints = 3
     c.train.async_checkpoints = True
     c.train.grad_cache_chunk = 0  # gradient caching: pairs per sub-batch (0: off); divides the batch
@@ -75,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.split = "test"
     c.eval.skip_missing_docs = False  # beir: judged documents without text are left out
     c.eval.every_steps = 0  # 0: only before and after training
+    c.eval.before_training = True  # False: skip the zero-shot evaluation (sweeps compute it once)
     c.eval.batch_size = 128
     c.eval.top_k = 100
     c.eval.ks = (10, 100)

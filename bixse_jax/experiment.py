@@ -36,13 +36,28 @@ def load_train_pairs(cfg: ml_collections.ConfigDict) -> list[sources.GradedPair]
     if cfg.kind == "demo":
         from bixse_jax.data.synthetic import make_demo_data
         return make_demo_data(seed=cfg.demo_seed).train
+    if cfg.get("folds", 0) and cfg.kind != "beir":
+        raise ValueError(f"data.folds needs data.kind='beir' (queries with ids), not {cfg.kind!r}")
     kwargs = {}
     if cfg.kind == "beir":
         kwargs = {"split": cfg.split, "max_grade": cfg.max_grade, "keep_zero": cfg.keep_zero_grades,
                   "skip_missing_docs": cfg.skip_missing_docs}
     if not cfg.path:
         raise ValueError(f"data.kind={cfg.kind!r} needs --config.data.path=FILE_OR_FOLDER")
-    return sources.load_pairs(cfg.kind, cfg.path, **kwargs)
+    pairs = sources.load_pairs(cfg.kind, cfg.path, **kwargs)
+    if cfg.get("folds", 0):
+        held_out = held_out_fold(cfg)
+        pairs = [p for p in pairs if p.query_id not in held_out]
+        if not pairs:
+            raise ValueError(f"{cfg.path}: no training pairs left outside fold {cfg.fold} of {cfg.folds}")
+    return pairs
+
+
+def held_out_fold(cfg: ml_collections.ConfigDict) -> set[str]:
+    """Query ids of fold `data.fold` of `data.folds` (cross-validation by query; BEIR data only)."""
+    from bixse_jax.data import folds
+
+    return folds.held_out_queries(cfg.path, cfg.split, cfg.folds, cfg.fold, cfg.fold_seed)
 
 
 def make_batcher(config: ml_collections.ConfigDict, model: SentenceModel,
@@ -88,6 +103,16 @@ def make_evaluator(config: ml_collections.ConfigDict, model: SentenceModel) -> E
         queries, corpus, qrels = demo.eval_queries, demo.eval_corpus, demo.eval_qrels
     elif cfg.kind in ("beir", "rerank"):
         queries, corpus, qrels = sources.read_beir_eval(cfg.path, cfg.split, skip_missing_docs=cfg.skip_missing_docs)
+        if config.data.get("folds", 0):  # cross-validation: evaluate the held-out fold's queries only
+            data = config.data
+            if (str(data.path), data.split) != (str(cfg.path), cfg.split):
+                raise ValueError(f"with data.folds, eval.path/split ({cfg.path}, {cfg.split}) must be the data's "
+                                 f"({data.path}, {data.split}): the held-out fold is a part of the training split")
+            held_out = held_out_fold(data)
+            queries = {q: t for q, t in queries.items() if q in held_out}
+            qrels = {q: r for q, r in qrels.items() if q in held_out}
+            if not qrels:
+                raise ValueError(f"{cfg.path}: fold {data.fold} of {data.folds} has no judged queries")
     else:
         raise ValueError(f"eval.kind {cfg.kind!r} is not one of 'demo', 'beir', 'rerank', 'sts', 'none'")
     ks = tuple(cfg.ks)

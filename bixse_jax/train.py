@@ -329,7 +329,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         print(f"[bixse-jax] resumed from checkpoint step {step}", file=sys.stderr, flush=True)
 
     _write_host_record(workdir, batcher, first_batch=int(jax.device_get(state.step)))
-    if evaluator is not None:
+    if evaluator is not None and config.eval.get("before_training", True):
         summary["before"] = evaluator(model.params)
     writer = MetricsWriter(workdir, enabled=is_lead)
     total = config.train.num_steps if stop_after_step is None else min(stop_after_step, config.train.num_steps)
@@ -368,7 +368,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                 if evaluator is not None and config.eval.every_steps and done % config.eval.every_steps == 0 \
                         and done < total:
                     writer.write(done, {f"eval/{k}": v for k, v in evaluator(state.params["encoder"]).items()})
-                if done % config.train.checkpoint_every == 0 or done == total or preempted:
+                every = config.train.checkpoint_every
+                if every and (done % every == 0 or done == total or preempted):
                     flush(done)  # under on_nonfinite=stop, never checkpoint past a bad step
                     checkpoint.save(manager, done, state, {"next_batch": done})
                 if preempted:

@@ -276,3 +276,38 @@ def test_workdir_loads_the_latest_checkpoint(tiny_model_dir, beir_dir, tmp_path,
     want = evaluate.evaluate_rerank(enc, queries, corpus, qrels, evaluate.judged_pool(qrels))[0]
     assert result["metrics"] == pytest.approx(want)
     assert result["model_source"] == enc.source
+
+
+def test_cross_validation_trains_on_other_folds_and_evaluates_the_held_out_one(tiny_model_dir, tiny_enc, beir_dir,
+                                                                               tmp_path):
+    from bixse_jax import experiment, train
+    from bixse_jax.data import folds
+
+    config = _tiny_config(tiny_model_dir, beir_dir)
+    config.data.split = config.eval.split = "test"
+    config.data.folds, config.data.fold = 4, 1
+    config.eval.kind = "rerank"
+    held_out = folds.held_out_queries(beir_dir, "test", 4, 1)
+    assert len(held_out) == 2
+    pairs = experiment.load_train_pairs(config.data)
+    assert {p.query_id for p in pairs} == {f"q{i}" for i in range(8)} - held_out
+
+    model = experiment.load_model(config.model)
+    got = experiment.make_evaluator(config, model)(model.params)
+    queries, corpus, qrels = sources.read_beir_eval(beir_dir, "test", skip_missing_docs=True)
+    qrels = {q: r for q, r in qrels.items() if q in held_out}
+    want = evaluate.evaluate_rerank(tiny_enc, queries, corpus, qrels, evaluate.judged_pool(qrels), ks=(5, 20))[0]
+    assert got == pytest.approx(want)
+
+    config.eval.before_training = False
+    config.train.checkpoint_every = 0  # a sweep's run: metrics only, nothing saved
+    summary, _ = train.train(config, tmp_path / "run", show_progress=False)
+    assert "before" not in summary and set(summary["after"]) == set(want)
+    assert not list((tmp_path / "run").glob("checkpoints/*")) and not list((tmp_path / "run").glob("[0-9]*"))
+
+    config.eval.split = "train"
+    with pytest.raises(ValueError, match="must be the data's"):
+        experiment.make_evaluator(config, model)
+    config.data.kind = "jsonl"
+    with pytest.raises(ValueError, match="needs data.kind='beir'"):
+        experiment.load_train_pairs(config.data)
