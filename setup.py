@@ -32,7 +32,8 @@ setup(
     extras_require={
         # torch is pinned: 2.13.0 is the CPU build these machines carry; an unpinned torch pulls
         # a multi-GB CUDA build. It and sentence-transformers serve the interoperability tests.
-        "test": ["pytest>=8", "scipy>=1.11", "ir-measures>=0.3", "torch==2.13.0", "sentence-transformers>=6,<7"],
+        "test": ["pytest>=8", "scipy>=1.11", "ir-measures>=0.3", "torch==2.13.0", "sentence-transformers>=6,<7",
+                 "matplotlib>=3.8"],  # matplotlib: the reproduction's plot (experiments/make_results.py)
     },
     entry_points={"console_scripts": ["bixse-jax=bixse_jax.cli:main"]},
 )

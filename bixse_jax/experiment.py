@@ -29,6 +29,15 @@ def load_model(cfg: ml_collections.ConfigDict) -> SentenceModel:
     return load_encoder(cfg.name_or_path, pooling=cfg.pooling, normalize=cfg.normalize, **overrides)
 
 
+def check_lengths(config: ml_collections.ConfigDict, model: SentenceModel) -> None:
+    """Token lengths beyond the position table would index past it (NaN embeddings): refuse them."""
+    limit = model.config.max_position_embeddings - model.config.position_offset
+    for key in ("query_max_len", "doc_max_len"):
+        if config.data[key] > limit:
+            raise ValueError(f"data.{key}={config.data[key]} exceeds the {limit} positions of "
+                             f"{config.model.name_or_path}; lower it")
+
+
 def load_train_pairs(cfg: ml_collections.ConfigDict) -> list[sources.GradedPair] | None:
     """The training pairs in memory; None for `arrayrecord`, which each process reads lazily."""
     if cfg.kind == "arrayrecord":

@@ -289,6 +289,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         from bixse_jax import grad_cache  # local import: grad_cache imports train
         grad_cache.check_chunk(config.train.global_batch_size, config.train.grad_cache_chunk, mesh)
     model = experiment.load_model(config.model)
+    experiment.check_lengths(config, model)
     pairs = experiment.load_train_pairs(config.data)
     batcher = experiment.make_batcher(config, model, pairs)
     evaluator = experiment.make_evaluator(config, model)

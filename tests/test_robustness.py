@@ -81,3 +81,11 @@ def test_resume_with_a_different_config_is_refused(tiny_model_dir, tmp_path):
     summary, _ = train.train(tiny_config(tiny_model_dir, data, num_steps=4, checkpoint_every=2),
                              tmp_path / "run", show_progress=False)
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
+
+
+def test_lengths_beyond_the_position_table_are_refused_before_anything_is_written(tiny_model_dir, tmp_path):
+    config = tiny_config(tiny_model_dir, pairs_jsonl(tmp_path / "pairs.jsonl"))
+    config.data.doc_max_len = 256  # the tiny model has 128 positions; position 200 would embed as NaN
+    with pytest.raises(ValueError, match=r"data.doc_max_len=256 exceeds the 128 positions"):
+        train.train(config, tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,133 @@
+"""results.jsonl of experiments/reproduce.py -> the table and plot of docs/results.md.
+
+  python experiments/make_results.py runs/repro/results.jsonl [--md docs/results.md] [--png docs/results.png]
+
+Per data set and loss: the score of each seed (TREC-DL: the mean over its 5 held-out folds, only
+when all 5 finished), then the mean and sample standard deviation over seeds. The markdown table
+replaces what lies between `<!-- results-table -->` and `<!-- /results-table -->` in --md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from reproduce import DATASETS, VARIANTS, ZERO_SHOT  # noqa: E402
+
+COLUMNS = {"trecdl": "TREC-DL 2019 nDCG@10 (5-fold, judged-pool re-rank)", "stsb": "STS-B test Spearman",
+           "scifact": "SciFact test nDCG@10"}
+ROWS = (ZERO_SHOT, *VARIANTS)
+MARKERS = ("<!-- results-table -->", "<!-- /results-table -->")
+
+
+def read_results(path: str | pathlib.Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+
+
+def table(results: list[dict]) -> dict[str, dict[str, dict[str, Any]]]:
+    """dataset -> variant -> {mean, std, n, per_seed, wall_s} over the finished test runs."""
+    by_seed: dict[tuple[str, str, int], dict[int | None, float]] = {}
+    wall: dict[tuple[str, str], float] = {}
+    for r in results:
+        if r.get("phase") != "test" or "value" not in r:
+            continue
+        by_seed.setdefault((r["dataset"], r["variant"], r["seed"]), {})[r.get("fold")] = r["value"]
+        wall[r["dataset"], r["variant"]] = wall.get((r["dataset"], r["variant"]), 0.0) + r["wall_s"]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for (dataset, variant, seed), folds in sorted(by_seed.items()):
+        expected = DATASETS[dataset].folds or 1
+        if len(folds) < expected:  # a seed with missing folds is not comparable; leave it out
+            continue
+        entry = out.setdefault(dataset, {}).setdefault(variant, {"per_seed": {}, "wall_s": wall[dataset, variant]})
+        entry["per_seed"][seed] = statistics.fmean(folds.values())
+    for variants in out.values():
+        for entry in variants.values():
+            scores = list(entry["per_seed"].values())
+            entry.update(n=len(scores), mean=statistics.fmean(scores),
+                         std=statistics.stdev(scores) if len(scores) > 1 else 0.0)
+    return out
+
+
+def markdown(results: list[dict]) -> str:
+    """Rows: zero-shot then the losses; columns: data sets; mean ± std over seeds, best in bold."""
+    t = table(results)
+    datasets = [d for d in COLUMNS if d in t]
+    best = {d: max((e["mean"] for v, e in t[d].items() if v != ZERO_SHOT), default=None) for d in datasets}
+    lines = ["| loss | " + " | ".join(COLUMNS[d] for d in datasets) + " |",
+             "|---|" + "---:|" * len(datasets)]
+    for variant in ROWS:
+        cells = []
+        for d in datasets:
+            e = t[d].get(variant)
+            if e is None:
+                cells.append("n/a")
+                continue
+            text = f"{e['mean']:.4f}" if variant == ZERO_SHOT else f"{e['mean']:.4f} ± {e['std']:.4f}"
+            if variant != ZERO_SHOT and e["n"] != 3:
+                text += f" (n={e['n']})"
+            cells.append(f"**{text}**" if variant != ZERO_SHOT and e["mean"] == best[d] else text)
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: str | pathlib.Path) -> pathlib.Path:
+    """One panel per data set: a bar per loss (mean, std as error bar), zero-shot as a dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = table(results)
+    datasets = [d for d in COLUMNS if d in t]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4.5), squeeze=False)
+    for ax, d in zip(axes[0], datasets):
+        names = [v for v in VARIANTS if v in t[d]]
+        means = [t[d][v]["mean"] for v in names]
+        ax.bar(range(len(names)), means, yerr=[t[d][v]["std"] for v in names], capsize=3,
+               color=["tab:blue" if v.startswith("BiXSE") else "tab:gray" for v in names])
+        if ZERO_SHOT in t[d]:
+            ax.axhline(t[d][ZERO_SHOT]["mean"], color="black", linestyle="--", linewidth=1, label="zero-shot")
+            ax.legend(loc="lower right")
+        low = min(means + [t[d].get(ZERO_SHOT, {"mean": min(means)})["mean"]])
+        high = max(means)
+        ax.set_ylim(low - 0.1 * (high - low + 0.01) - 0.01, high + 0.15 * (high - low + 0.01) + 0.01)
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
+        ax.set_title(COLUMNS[d], fontsize=10)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def replace_between_markers(text: str, block: str) -> str:
+    start, end = MARKERS
+    if start not in text or end not in text:
+        raise ValueError(f"markers {start} ... {end} not found")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{block}{end}{tail}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results")
+    parser.add_argument("--md", default=None, help="markdown file whose marked table is replaced")
+    parser.add_argument("--png", default=None)
+    args = parser.parse_args(argv)
+    results = read_results(args.results)
+    block = markdown(results)
+    print(block)
+    if args.md:
+        md = pathlib.Path(args.md)
+        md.write_text(replace_between_markers(md.read_text(), block))
+    if args.png:
+        print(f"wrote {plot(results, args.png)}")
+
+
+if __name__ == "__main__":
+    main()

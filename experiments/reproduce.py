@@ -1,0 +1,366 @@
+"""The paper's comparison: seven losses x three data sets x three seeds, from all-MiniLM-L6-v2.
+
+  python experiments/reproduce.py --out runs/repro                 # everything (GPU: ~10 minutes)
+  python experiments/reproduce.py --print-commands                 # the `bixse-jax train` line of each run
+  python experiments/make_results.py runs/repro/results.jsonl      # docs/results.md table and plot
+
+Every run is one `bixse-jax train` command (`--print-commands` lists them); this driver executes
+the same configs in-process, in `--workers` processes that share a JAX compilation cache, because
+160-odd runs of a few seconds each would otherwise spend most of their time starting up.
+
+Protocol (docs/results.md says why):
+  (a) TREC-DL 2019, grades 0-3 as g/3: 5-fold cross-validation by query, nDCG@10 of re-ranking
+      each held-out query's judged pool (judged passages without text are left out);
+  (b) STS-B train (score/5), Spearman on STS-B test;
+  (c) SciFact train (binary qrels), nDCG@10 of retrieval over the whole corpus for the test queries.
+Steps and batch size are fixed per data set (about one epoch of STS-B and TREC-DL, three of
+SciFact, batch 32). The learning rate is chosen first, on dev data only: for each of STS-B (its dev
+split) and SciFact (fold 0 of 5 of its *train* queries, retrieval over the corpus), the rate of
+LEARNING_RATES with the best mean dev score of BiXSE and InfoNCE at seed 0. TREC-DL, whose one
+split is the cross-validation's test data, takes SciFact's rate. All losses then use that rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import shlex
+import shutil
+import sys
+import threading
+import time
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+LEARNING_RATES = (1e-5, 3e-5, 1e-4)
+SEEDS = (0, 1, 2)
+FOLDS = 5
+SELECTION_VARIANTS = ("BiXSE", "InfoNCE")
+
+# Loss settings of each row of the table (config overrides on top of the data set's config).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "BiXSE": {},
+    "BiXSE diagonal-only": {"loss.diagonal_only": True},
+    "BiXSE binarised": {"loss.binarize_threshold": 0.5},
+    "BiXSE no bias": {"loss.learn_bias": False, "loss.init_bias": 0.0},
+    "InfoNCE": {"loss.name": "infonce"},
+    "soft InfoNCE": {"loss.name": "soft_infonce"},
+    "pairwise BCE": {"loss.name": "pairwise_bce"},
+}
+ZERO_SHOT = "zero-shot"
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    config: str  # configs/*.py
+    folder: str  # under --data-root
+    metric: str
+    steps: int
+    test: dict[str, Any]  # overrides for the reported evaluation
+    dev: dict[str, Any] | None  # overrides for learning-rate selection (None: take `dev_from`'s rate)
+    dev_from: str | None = None
+    folds: int = 0  # > 0: cross-validation by query; `test` evaluates the held-out fold
+
+
+# {data} in a value is replaced by the data set's folder.
+DATASETS: dict[str, Dataset] = {
+    "trecdl": Dataset(
+        config="configs/minilm_trecdl.py", folder="trec-dl19", metric="ndcg@10", steps=100,
+        test={"eval.kind": "rerank", "eval.run_file": "qrels", "eval.path": "{data}", "eval.split": "test",
+              "eval.skip_missing_docs": True},
+        dev=None, dev_from="scifact", folds=FOLDS),
+    "stsb": Dataset(
+        config="configs/minilm_stsb.py", folder="stsbenchmark", metric="spearman", steps=180,
+        test={"eval.path": "{data}/sts-test.csv"}, dev={"eval.path": "{data}/sts-dev.csv"}),
+    "scifact": Dataset(
+        config="configs/minilm_scifact.py", folder="scifact", metric="ndcg@10", steps=90,
+        test={}, dev={"data.folds": 5, "data.fold": 0, "eval.split": "train"}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One training run (or, for ZERO_SHOT, one evaluation of the untrained model)."""
+
+    dataset: str
+    variant: str
+    seed: int
+    learning_rate: float
+    phase: str  # "select" (dev data) | "test"
+    fold: int | None = None
+
+    @property
+    def name(self) -> str:
+        fold = "" if self.fold is None else f"-fold{self.fold}"
+        variant = self.variant.replace(" ", "_")
+        return f"{self.phase}-{self.dataset}-{variant}-lr{self.learning_rate:g}-seed{self.seed}{fold}"
+
+
+def overrides(cell: Cell, data_root: str, model: str, steps: int | None = None) -> dict[str, Any]:
+    """The `--config.KEY=VALUE` settings of a cell, in the order the command prints them."""
+    ds = DATASETS[cell.dataset]
+    data = f"{data_root}/{ds.folder}"
+    n = ds.steps if steps is None else steps
+    out: dict[str, Any] = {"data_dir": data, "model.name_or_path": model, "seed": cell.seed,
+                           "train.num_steps": n, "train.warmup_steps": max(n // 10, 1) if n else 0,
+                           "train.learning_rate": cell.learning_rate, "train.checkpoint_every": 0,
+                           "data.buckets": (), "eval.every_steps": 0, "eval.before_training": False}
+    if cell.variant == ZERO_SHOT:  # no steps: the "after" evaluation is of the pretrained model
+        out.update({"train.num_steps": 0, "train.warmup_steps": 0})
+    else:
+        out.update(VARIANTS[cell.variant])
+    evaluation = ds.test if cell.phase == "test" else ds.dev
+    if evaluation is None:
+        raise ValueError(f"{cell.dataset} has no dev data; its learning rate comes from {ds.dev_from}")
+    out.update({k: v.format(data=data) if isinstance(v, str) else v for k, v in evaluation.items()})
+    if cell.fold is not None:
+        out.update({"data.folds": ds.folds, "data.fold": cell.fold})
+    return out
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "(" + "".join(f"{v}," for v in value) + ")"
+    return str(value)
+
+
+def command(cell: Cell, data_root: str, model: str, workdir: str, steps: int | None = None) -> str:
+    flags = " ".join(shlex.quote(f"--config.{k}={_flag_value(v)}")
+                     for k, v in overrides(cell, data_root, model, steps).items())
+    return f"bixse-jax train --config {DATASETS[cell.dataset].config} --workdir {workdir}/{cell.name} {flags}"
+
+
+def build_config(cell: Cell, data_root: str, model: str, steps: int | None = None):
+    """The ConfigDict that `command(cell)` would build (tests/test_reproduce.py checks they agree)."""
+    import importlib.util
+
+    path = ROOT / DATASETS[cell.dataset].config
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for key, value in overrides(cell, data_root, model, steps).items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def selection_cells(datasets: list[str], lrs: tuple[float, ...]) -> list[Cell]:
+    return [Cell(d, v, 0, lr, "select") for d in datasets if DATASETS[d].dev is not None
+            for v in SELECTION_VARIANTS for lr in lrs]
+
+
+def test_cells(datasets: list[str], variants: list[str], seeds: tuple[int, ...], lr: dict[str, float]) -> list[Cell]:
+    """Zero-shot rows first, then seed by seed (so a deadline leaves whole seeds), then the rest."""
+    def folds(d: str) -> list[int | None]:
+        return list(range(DATASETS[d].folds)) if DATASETS[d].folds else [None]
+
+    cells = [Cell(d, ZERO_SHOT, 0, lr[d], "test", f) for d in datasets for f in folds(d)]
+    for seed in seeds:
+        cells += [Cell(d, v, seed, lr[d], "test", f) for d in datasets for v in variants for f in folds(d)]
+    return cells
+
+
+def choose_learning_rates(results: list[dict], datasets: list[str]) -> dict[str, float]:
+    """Per data set with dev data: the rate with the best mean dev score over SELECTION_VARIANTS."""
+    chosen: dict[str, float] = {}
+    for d in datasets:
+        if DATASETS[d].dev is None:
+            continue
+        scores: dict[float, list[float]] = {}
+        for r in results:
+            if r["dataset"] == d and r["phase"] == "select" and "value" in r:
+                scores.setdefault(r["learning_rate"], []).append(r["value"])
+        complete = {lr: sum(v) / len(v) for lr, v in scores.items() if len(v) == len(SELECTION_VARIANTS)}
+        if not complete:
+            raise RuntimeError(f"no complete learning-rate selection for {d}: {scores}")
+        chosen[d] = max(complete, key=complete.get)
+    for d in datasets:
+        if DATASETS[d].dev is None:
+            source = DATASETS[d].dev_from
+            if source not in chosen:
+                raise RuntimeError(f"{d} takes its learning rate from {source}, which was not selected")
+            chosen[d] = chosen[source]
+    return chosen
+
+
+# ----------------------------------------------------------------------------
+# Running cells.
+# ----------------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def init_worker(compile_cache: str | None, mem_fraction: float | None) -> None:
+    """Runs first in each worker process: GPU memory share and the shared compilation cache.
+
+    Never raises: a Pool respawns a worker whose initializer fails, forever, so an error is kept
+    and each run of this worker reports it instead.
+    """
+    if mem_fraction:
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{mem_fraction:.3f}"
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the driver prints one line per finished run instead
+    try:
+        import jax
+        from absl import logging
+        logging.set_verbosity(logging.WARNING)
+        if compile_cache:
+            jax.config.update("jax_compilation_cache_dir", compile_cache)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+            jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    except Exception as e:
+        _WORKER["error"] = f"worker set-up failed: {type(e).__name__}: {e}"
+
+
+def run_cell(cell: Cell, data_root: str, model: str, workroot: str, steps: int | None,
+             deadline: float | None) -> dict[str, Any]:
+    """Trains and evaluates one cell in this process; its workdir is deleted afterwards."""
+    record: dict[str, Any] = {**dataclasses.asdict(cell), "name": cell.name}
+    if deadline is not None and time.time() > deadline:
+        return {**record, "skipped": "deadline"}
+    if "error" in _WORKER:
+        return {**record, "error": _WORKER["error"]}
+    import jax
+
+    from bixse_jax.train import train
+
+    start = time.time()
+    workdir = pathlib.Path(workroot) / cell.name
+    shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        config = build_config(cell, data_root, model, steps)
+        summary, state = train(config, workdir, show_progress=False)
+    except Exception as e:  # one broken cell must not take the table down; it is reported as failed
+        return {**record, "error": f"{type(e).__name__}: {e}", "wall_s": round(time.time() - start, 2)}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    metrics = summary["after"]
+    params = jax.device_get(state.params)
+    return {**record, "metric": DATASETS[cell.dataset].metric, "value": metrics[DATASETS[cell.dataset].metric],
+            "metrics": metrics, "steps": summary["steps"], "log_temperature": float(params["log_temperature"]),
+            "bias": float(params["bias"]), "wall_s": round(time.time() - start, 2),
+            "device": jax.devices()[0].device_kind}
+
+
+class Runner:
+    """Runs cells in `workers` spawned processes (0: in this process) and appends results to a file."""
+
+    def __init__(self, args: argparse.Namespace, results_path: pathlib.Path):
+        self.args = args
+        self.results_path = results_path
+        self.lock = threading.Lock()
+        self.done = 0
+        self.total = 0
+        self.pool = None
+        if args.workers > 0:
+            import multiprocessing
+            mem = args.mem_fraction or (0.9 / args.workers)
+            self.pool = multiprocessing.get_context("spawn").Pool(
+                args.workers, initializer=init_worker, initargs=(args.compile_cache, mem))
+        else:
+            init_worker(args.compile_cache, None)
+
+    def run(self, cells: list[Cell], deadline: float | None) -> list[dict]:
+        self.total += len(cells)
+        call = (self.args.data_root, self.args.model, self.args.workroot, self.args.steps, deadline)
+        if self.pool is None:
+            return [self._record(run_cell(c, *call)) for c in cells]
+        pending = [self.pool.apply_async(run_cell, (c, *call), callback=self._record) for c in cells]
+        return [p.get() for p in pending]
+
+    def _record(self, result: dict) -> dict:
+        with self.lock:
+            self.done += 1
+            with self.results_path.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+            if "value" in result:
+                status = f"{result['metric']}={result['value']:.4f} ({result['wall_s']:.1f} s)"
+            else:
+                status = result.get("skipped") or result.get("error")
+            print(f"[{self.done}/{self.total}] {result['name']}: {status}", flush=True)
+        return result
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default=os.path.relpath(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--model", default=MINILM, help="HF / sentence-transformers folder or hub name")
+    parser.add_argument("--out", default="runs/repro", help="results.jsonl and selection.json go here")
+    parser.add_argument("--workroot", default=None, help="run folders (deleted after each run); default OUT/work")
+    parser.add_argument("--workers", type=int, default=0, help="processes (0: this one); a GPU takes ~8")
+    parser.add_argument("--mem-fraction", type=float, default=None, help="GPU memory per worker (default 0.9/N)")
+    parser.add_argument("--compile-cache", default=None, help="persistent JAX compilation cache folder")
+    parser.add_argument("--deadline-s", type=float, default=None, help="start no run after this many seconds")
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--learning-rates", default=",".join(map(str, LEARNING_RATES)),
+                        help="candidates for the selection; one value skips it")
+    parser.add_argument("--steps", type=int, default=None, help="override every data set's steps (smoke tests)")
+    parser.add_argument("--print-commands", action="store_true")
+    args = parser.parse_args(argv)
+    args.datasets = args.datasets.split(",")
+    args.variants = args.variants.split(",")
+    args.seeds = tuple(int(s) for s in args.seeds.split(","))
+    args.learning_rates = tuple(float(x) for x in args.learning_rates.split(","))
+    for name, known in (("datasets", DATASETS), ("variants", VARIANTS)):
+        unknown = [x for x in getattr(args, name) if x not in known]
+        if unknown:
+            parser.error(f"unknown {name} {unknown}; known: {list(known)}")
+    args.workroot = args.workroot or os.path.join(args.out, "work")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    start = time.time()
+    deadline = None if args.deadline_s is None else start + args.deadline_s
+    out = pathlib.Path(args.out)
+    if args.print_commands:
+        lrs = {d: args.learning_rates[0] for d in args.datasets}
+        for cell in selection_cells(args.datasets, args.learning_rates) + test_cells(
+                args.datasets, args.variants, args.seeds, lrs):
+            print(command(cell, args.data_root, args.model, os.path.join(args.out, "runs"), args.steps))
+        return {}
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    runner = Runner(args, results_path)
+    try:
+        if len(args.learning_rates) == 1:
+            chosen = {d: args.learning_rates[0] for d in args.datasets}
+            selected: list[dict] = []
+        else:
+            selected = runner.run(selection_cells(args.datasets, args.learning_rates), deadline)
+            chosen = choose_learning_rates(selected, args.datasets)
+        selection = {"learning_rates": chosen, "candidates": args.learning_rates,
+                     "seconds": round(time.time() - start, 1)}
+        (out / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")
+        print(f"learning rates: {chosen}", flush=True)
+        results = runner.run(test_cells(args.datasets, args.variants, args.seeds, chosen), deadline)
+    finally:
+        runner.close()
+    summary = {"selection": selection, "runs": len(selected) + len(results),
+               "finished": sum("value" in r for r in selected + results),
+               "failed": sum("error" in r for r in selected + results),
+               "skipped": sum("skipped" in r for r in selected + results),
+               "wall_s": round(time.time() - start, 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
