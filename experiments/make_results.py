@@ -1,6 +1,6 @@
 """results.jsonl of experiments/reproduce.py -> the table and plot of docs/results.md.
 
-  python experiments/make_results.py runs/repro/results.jsonl [--md docs/results.md] [--png docs/results.png]
+  python experiments/make_results.py RESULTS.jsonl [MORE.jsonl ...] [--md docs/results.md] [--png docs/results.png]
 
 Per data set and loss: the score of each seed (TREC-DL: the mean over its 5 held-out folds, only
 when all 5 finished), then the mean and sample standard deviation over seeds. The markdown table
@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from reproduce import DATASETS, VARIANTS, ZERO_SHOT  # noqa: E402
+from reproduce import DATASETS, SELECTION_VARIANTS, VARIANTS, ZERO_SHOT  # noqa: E402
 
 COLUMNS = {"trecdl": "TREC-DL 2019 nDCG@10 (5-fold, judged-pool re-rank)", "stsb": "STS-B test Spearman",
            "scifact": "SciFact test nDCG@10"}
@@ -67,11 +67,54 @@ def markdown(results: list[dict]) -> str:
             if e is None:
                 cells.append("n/a")
                 continue
-            text = f"{e['mean']:.4f}" if variant == ZERO_SHOT else f"{e['mean']:.4f} ± {e['std']:.4f}"
-            if variant != ZERO_SHOT and e["n"] != 3:
-                text += f" (n={e['n']})"
+            if variant == ZERO_SHOT:
+                text = f"{e['mean']:.4f}"
+            elif e["n"] == 1:  # one seed: no spread to show
+                text = f"{e['mean']:.4f} (n=1)"
+            else:
+                text = f"{e['mean']:.4f} ± {e['std']:.4f}" + ("" if e["n"] == 3 else f" (n={e['n']})")
             cells.append(f"**{text}**" if variant != ZERO_SHOT and e["mean"] == best[d] else text)
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def selection_markdown(results: list[dict]) -> str:
+    """The learning-rate selection: dev score of each candidate rate and loss, and their mean."""
+    rows = [r for r in results if r.get("phase") == "select" and "value" in r]
+    lines = ["| data set (dev metric) | learning rate | " + " | ".join(SELECTION_VARIANTS) + " | mean |",
+             "|---|---:|" + "---:|" * (len(SELECTION_VARIANTS) + 1)]
+    for d in COLUMNS:
+        for lr in sorted({r["learning_rate"] for r in rows if r["dataset"] == d}):
+            scores = {r["variant"]: r["value"] for r in rows if r["dataset"] == d and r["learning_rate"] == lr}
+            cells = [f"{scores[v]:.4f}" if v in scores else "n/a" for v in SELECTION_VARIANTS]
+            mean = statistics.fmean(scores.values())
+            lines.append(f"| {d} ({DATASETS[d].metric}) | {lr:g} | " + " | ".join(cells) + f" | {mean:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def folds_markdown(results: list[dict], dataset: str = "trecdl") -> str:
+    """Per-fold scores of a cross-validated data set: one row per loss and seed."""
+    rows = [r for r in results if r.get("phase") == "test" and r["dataset"] == dataset and "value" in r]
+    folds = range(DATASETS[dataset].folds)
+    lines = ["| loss | seed | " + " | ".join(f"fold {k}" for k in folds) + " | mean |",
+             "|---|---:|" + "---:|" * (len(folds) + 1)]
+    for variant in ROWS:
+        for seed in sorted({r["seed"] for r in rows if r["variant"] == variant}):
+            got = {r["fold"]: r["value"] for r in rows if r["variant"] == variant and r["seed"] == seed}
+            mean = f"{statistics.fmean(got.values()):.4f}" if len(got) == len(folds) else "incomplete"
+            lines.append(f"| {variant} | {seed} | " + " | ".join(f"{got[k]:.4f}" if k in got else "not run"
+                                                              for k in folds) + f" | {mean} |")
+    return "\n".join(lines) + "\n"
+
+
+def runs_markdown(results: list[dict]) -> str:
+    """How many runs each device finished, and their summed wall time (runs overlap across workers)."""
+    by_device: dict[str, list[float]] = {}
+    for r in results:
+        if "value" in r:
+            by_device.setdefault(r.get("device", "unknown"), []).append(r["wall_s"])
+    lines = ["| device | finished runs | summed run wall time (s) |", "|---|---:|---:|"]
+    lines += [f"| {d} | {len(w)} | {sum(w):.0f} |" for d, w in sorted(by_device.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -92,11 +135,12 @@ def plot(results: list[dict], path: str | pathlib.Path) -> pathlib.Path:
         if ZERO_SHOT in t[d]:
             ax.axhline(t[d][ZERO_SHOT]["mean"], color="black", linestyle="--", linewidth=1, label="zero-shot")
             ax.legend(loc="lower right")
-        low = min(means + [t[d].get(ZERO_SHOT, {"mean": min(means)})["mean"]])
-        high = max(means)
+        values = means + ([t[d][ZERO_SHOT]["mean"]] if ZERO_SHOT in t[d] else [])
+        low, high = min(values), max(values)
         ax.set_ylim(low - 0.1 * (high - low + 0.01) - 0.01, high + 0.15 * (high - low + 0.01) + 0.01)
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
-        ax.set_title(COLUMNS[d], fontsize=10)
+        seeds = sorted({t[d][v]["n"] for v in names})
+        ax.set_title(f"{COLUMNS[d]}\n(seeds per bar: {', '.join(map(str, seeds))})", fontsize=9)
     fig.tight_layout()
     path = pathlib.Path(path)
     fig.savefig(path, dpi=110)
@@ -115,12 +159,14 @@ def replace_between_markers(text: str, block: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results")
+    parser.add_argument("results", nargs="+", help="results.jsonl files (several sweeps are merged)")
     parser.add_argument("--md", default=None, help="markdown file whose marked table is replaced")
     parser.add_argument("--png", default=None)
     args = parser.parse_args(argv)
-    results = read_results(args.results)
-    block = markdown(results)
+    results = [r for path in args.results for r in read_results(path)]
+    block = "\n".join([markdown(results), "Learning-rate selection (seed 0, dev data only):\n", selection_markdown(results),
+                       "TREC-DL 2019 per held-out fold (nDCG@10):\n", folds_markdown(results),
+                       "Runs behind these numbers:\n", runs_markdown(results)])
     print(block)
     if args.md:
         md = pathlib.Path(args.md)

@@ -308,6 +308,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--learning-rates", default=",".join(map(str, LEARNING_RATES)),
                         help="candidates for the selection; one value skips it")
+    parser.add_argument("--chosen", default=None,
+                        help="DATASET=LR,... : skip the selection and use these rates (an earlier selection.json)")
+    parser.add_argument("--skip-results", default=None,
+                        help="a results.jsonl of an earlier, cut-short sweep: runs finished there are not redone")
     parser.add_argument("--steps", type=int, default=None, help="override every data set's steps (smoke tests)")
     parser.add_argument("--print-commands", action="store_true")
     args = parser.parse_args(argv)
@@ -320,7 +324,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if unknown:
             parser.error(f"unknown {name} {unknown}; known: {list(known)}")
     args.workroot = args.workroot or os.path.join(args.out, "work")
+    if args.chosen:
+        args.chosen = {d: float(lr) for d, lr in (item.split("=") for item in args.chosen.split(","))}
+        missing = [d for d in args.datasets if d not in args.chosen]
+        if missing:
+            parser.error(f"--chosen lacks {missing}")
     return args
+
+
+def finished_names(path: str | None) -> set[str]:
+    """Names of the runs that finished (have a value) in a results.jsonl."""
+    if not path:
+        return set()
+    rows = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+    return {r["name"] for r in rows if "value" in r}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -328,17 +345,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.time()
     deadline = None if args.deadline_s is None else start + args.deadline_s
     out = pathlib.Path(args.out)
-    if args.print_commands:
-        lrs = {d: args.learning_rates[0] for d in args.datasets}
-        for cell in selection_cells(args.datasets, args.learning_rates) + test_cells(
-                args.datasets, args.variants, args.seeds, lrs):
+    if args.print_commands:  # with --chosen: the test runs at those rates; else the selection runs too
+        lrs = args.chosen or {d: args.learning_rates[0] for d in args.datasets}
+        select = [] if args.chosen else selection_cells(args.datasets, args.learning_rates)
+        for cell in select + test_cells(args.datasets, args.variants, args.seeds, lrs):
             print(command(cell, args.data_root, args.model, os.path.join(args.out, "runs"), args.steps))
         return {}
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
     runner = Runner(args, results_path)
+    done = finished_names(args.skip_results)
     try:
-        if len(args.learning_rates) == 1:
+        if args.chosen:
+            chosen, selected = args.chosen, []
+        elif len(args.learning_rates) == 1:
             chosen = {d: args.learning_rates[0] for d in args.datasets}
             selected: list[dict] = []
         else:
@@ -348,7 +368,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "seconds": round(time.time() - start, 1)}
         (out / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")
         print(f"learning rates: {chosen}", flush=True)
-        results = runner.run(test_cells(args.datasets, args.variants, args.seeds, chosen), deadline)
+        cells = [c for c in test_cells(args.datasets, args.variants, args.seeds, chosen) if c.name not in done]
+        results = runner.run(cells, deadline)
     finally:
         runner.close()
     summary = {"selection": selection, "runs": len(selected) + len(results),

@@ -150,5 +150,10 @@ def test_tiny_sweep_end_to_end_and_its_report(tiny_model_512, tmp_path):
     assert table["trecdl"]["BiXSE"]["mean"] == pytest.approx(np.mean(trec))
     md = report.markdown(results)
     assert "| zero-shot |" in md and "| BiXSE |" in md and "| InfoNCE | n/a | n/a | n/a |" in md
+    selection = report.selection_markdown(results)
+    assert selection.count("| stsb (spearman) |") == 2 and selection.count("| scifact (ndcg@10) |") == 2
+    folds = report.folds_markdown(results)
+    assert "| BiXSE | 0 |" in folds and "incomplete" not in folds and "not run" not in folds
+    assert f"| {len(results)} |" in report.runs_markdown(results)
     png = report.plot(results, tmp_path / "results.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
