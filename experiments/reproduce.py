@@ -1,6 +1,6 @@
 """The paper's comparison: seven losses x three data sets x three seeds, from all-MiniLM-L6-v2.
 
-  python experiments/reproduce.py --out runs/repro                 # everything (GPU: ~10 minutes)
+  python experiments/reproduce.py --out runs/repro --workers 8     # everything (a GPU job: docs/results.md)
   python experiments/reproduce.py --print-commands                 # the `bixse-jax train` line of each run
   python experiments/make_results.py runs/repro/results.jsonl      # docs/results.md table and plot
 
