@@ -14,7 +14,7 @@ PY="${PY:-python3}"  # the GPU image's python3 holds jax (CUDA), flax, optax, or
 [ -d .repro/minilm-fp16 ] || { echo "missing .repro: run experiments/prepare_device.py and carry .repro" >&2; exit 2; }
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .repro/wheels/*.whl || exit 3
-export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 tar xJf .repro/data.tar.xz -C /tmp/repro_data || exit 4
 {
   date -u

@@ -198,15 +198,14 @@ def choose_learning_rates(results: list[dict], datasets: list[str]) -> dict[str,
 _WORKER: dict[str, Any] = {}
 
 
-def init_worker(compile_cache: str | None, mem_fraction: float | None) -> None:
-    """Runs first in each worker process: GPU memory share and the shared compilation cache.
+def init_worker(compile_cache: str | None, worker_env: dict[str, str]) -> None:
+    """Runs first in each worker process: its environment (the GPU memory share, set before JAX
+    loads) and the shared compilation cache.
 
     Never raises: a Pool respawns a worker whose initializer fails, forever, so an error is kept
     and each run of this worker reports it instead.
     """
-    if mem_fraction:
-        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{mem_fraction:.3f}"
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the driver prints one line per finished run instead
+    os.environ.update(worker_env)
     try:
         import jax
         from absl import logging
@@ -262,10 +261,11 @@ class Runner:
         if args.workers > 0:
             import multiprocessing
             mem = args.mem_fraction or (0.9 / args.workers)
+            env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{mem:.3f}"}
             self.pool = multiprocessing.get_context("spawn").Pool(
-                args.workers, initializer=init_worker, initargs=(args.compile_cache, mem))
+                args.workers, initializer=init_worker, initargs=(args.compile_cache, env))
         else:
-            init_worker(args.compile_cache, None)
+            init_worker(args.compile_cache, {})
 
     def run(self, cells: list[Cell], deadline: float | None) -> list[dict]:
         self.total += len(cells)
