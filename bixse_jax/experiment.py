@@ -12,7 +12,7 @@ import ml_collections
 
 from bixse_jax.data import sources
 from bixse_jax.data.batching import PairBatcher
-from bixse_jax.export import SentenceModel, load_encoder
+from bixse_jax.export import SentenceModel, load_encoder, position_limit
 
 Evaluator = Callable[[dict], dict[str, float]]
 
@@ -31,7 +31,7 @@ def load_model(cfg: ml_collections.ConfigDict) -> SentenceModel:
 
 def check_lengths(config: ml_collections.ConfigDict, model: SentenceModel) -> None:
     """Token lengths beyond the position table would index past it (NaN embeddings): refuse them."""
-    limit = model.config.max_position_embeddings - model.config.position_offset
+    limit = position_limit(model)
     for key in ("query_max_len", "doc_max_len"):
         if config.data[key] > limit:
             raise ValueError(f"data.{key}={config.data[key]} exceeds the {limit} positions of "

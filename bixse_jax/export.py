@@ -144,9 +144,14 @@ def read_sidecar(model_dir: pathlib.Path) -> dict[str, Any]:
 
 # --- use -----------------------------------------------------------------------------------------
 
+def position_limit(model: SentenceModel) -> int:
+    """Most tokens a text can have: the position table's size past its offset (RoBERTa's padding)."""
+    return model.config.max_position_embeddings - model.config.position_offset
+
+
 def max_length(model: SentenceModel, *, query: bool) -> int:
     """Token limit for queries or documents: the run's, else the folder's, else the position table's."""
-    limit = model.config.max_position_embeddings - model.config.position_offset
+    limit = position_limit(model)
     chosen = model.query_max_len if query else model.doc_max_len
     return min(chosen or model.settings.max_seq_length or limit, limit)
 
