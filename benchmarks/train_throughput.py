@@ -51,7 +51,7 @@ class Setting:
     model: str
     batch: int
     dtype: str = "bfloat16"
-    attention: str = "default"  # default (XLA's choice) | xla | cudnn
+    attention: str = "default"  # default (einsum on a CPU, else jax's choice) | xla | cudnn | einsum
     remat: str = "none"
     chunk: int = 0  # gradient-caching sub-batch; 0 = off
     query_len: int = 32
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", type=_strs, default=["bert-base", "minilm-l6"], help=f"comma list of {sorted(MODELS)}")
     p.add_argument("--batches", type=_ints, default=[256, 1024], help="comma list of global batch sizes (pairs)")
     p.add_argument("--dtype", type=_strs, default=["bfloat16"], help="compute dtypes (params stay float32)")
-    p.add_argument("--attention", type=_strs, default=["default"], help="default | xla | cudnn")
+    p.add_argument("--attention", type=_strs, default=["default"], help="default | xla | cudnn | einsum")
     p.add_argument("--remat", type=_strs, default=["none"], help="none | full | dots")
     p.add_argument("--chunk", type=_ints, default=[0], help="gradient-caching sub-batch sizes; 0 = off")
     p.add_argument("--query-len", type=int, default=32)

@@ -23,8 +23,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.normalize = ml_collections.FieldReference(None, field_type=bool)  # None: from the folder
     c.model.query_prefix = ""  # instruction prepended to every query (a pair's own wins)
     c.model.dtype = "float32"  # compute dtype; params stay float32
+    c.model.matmul_dtype = ml_collections.FieldReference(None, field_type=str)  # None: dtype; or bfloat16
     c.model.remat = "none"  # none | full | dots
-    c.model.attention_impl = ml_collections.FieldReference(None, field_type=str)  # None | xla | cudnn
+    c.model.attention_impl = ml_collections.FieldReference(None, field_type=str)  # bert.ATTENTION_IMPLS
     c.model.dropout = ml_collections.FieldReference(None, field_type=float)  # None: the HF config's
 
     c.data = ml_collections.ConfigDict()

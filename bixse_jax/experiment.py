@@ -23,7 +23,8 @@ def load_model(cfg: ml_collections.ConfigDict) -> SentenceModel:
     Goes through the same loader as `bixse-jax eval` and the public API, so a bixse-jax export
     (its bixse.json pooling and prompt) fine-tunes like any HF / sentence-transformers folder.
     """
-    overrides = {"dtype": cfg.dtype, "remat": cfg.remat, "attention_impl": cfg.attention_impl}
+    overrides = {"dtype": cfg.dtype, "matmul_dtype": cfg.get("matmul_dtype"), "remat": cfg.remat,
+                 "attention_impl": cfg.attention_impl}
     if cfg.dropout is not None:
         overrides["hidden_dropout_prob"] = float(cfg.dropout)
     return load_encoder(cfg.name_or_path, pooling=cfg.pooling, normalize=cfg.normalize, **overrides)

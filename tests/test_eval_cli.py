@@ -1,8 +1,11 @@
 """`bixse-jax encode / eval / mine`, the shared evaluation functions, and workdir loading (tiny model)."""
 
 import json
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -82,6 +85,10 @@ def test_encode_txt_and_jsonl_match_the_encoder(tiny_model_dir, tiny_enc, tmp_pa
                           "--out", str(tmp_path / "j.npy"), "--max-len", "32"], capsys)
     np.testing.assert_allclose(np.load(tmp_path / "j.npy"), tiny_enc.documents(["Heart blood flow", "no title"]),
                                atol=1e-6)
+    _run_cli(encode_cmd, ["--model", str(tiny_model_dir), "--input", str(tmp_path / "in.txt"), "--max-len", "32",
+                          "--matmul-dtype", "bfloat16", "--out", str(tmp_path / "bf.npy")], capsys)
+    rounded = np.load(tmp_path / "bf.npy")
+    assert rounded.dtype == np.float32 and 1e-6 < np.abs(rounded - docs).max() < 3e-2
 
 
 @pytest.mark.parametrize("name,content,match", [
@@ -311,3 +318,23 @@ def test_cross_validation_trains_on_other_folds_and_evaluates_the_held_out_one(t
     config.data.kind = "jsonl"
     with pytest.raises(ValueError, match="needs data.kind='beir'"):
         experiment.load_train_pairs(config.data)
+
+
+_DEVICE_SPLIT = """
+import jax
+from bixse_jax import parallel
+set_to = parallel.one_cpu_device_per_core()
+print(set_to, jax.device_count(), parallel.one_cpu_device_per_core())
+"""
+
+
+@pytest.mark.parametrize("xla_flags, expected", [("", "2 2 None"),
+                                                 ("--xla_force_host_platform_device_count=3", "None 3 None")])
+def test_encoding_commands_split_the_cpu_one_device_per_core(xla_flags, expected):
+    """Two cores -> two devices; a count the user chose, or JAX already running, is left alone."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env.update(XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
+    run = subprocess.run(["taskset", "-c", "0,1", sys.executable, "-c", _DEVICE_SPLIT], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[-2] == expected

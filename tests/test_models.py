@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from bixse_jax.models import hf_io
-from bixse_jax.models.bert import BertModel, EncoderConfig, init_params
+from bixse_jax.models.bert import BertModel, EncoderConfig, einsum_attention, init_params
 from bixse_jax.models.encoder import SentenceEncoder
 from bixse_jax.models.pooling import l2_normalize, pool
 
@@ -77,18 +77,64 @@ def test_bfloat16_and_remat_close_to_float32(tiny_model_dir):
     config, params, _ = hf_io.load_pretrained(tiny_model_dir)
     ids, mask = _ids()
     ref = SentenceEncoder(config)(params, ids, mask)
-    for variant in (dict(dtype="bfloat16"), dict(remat="full"), dict(remat="dots")):
+    for variant in (dict(dtype="bfloat16"), dict(matmul_dtype="bfloat16"), dict(remat="full"), dict(remat="dots")):
         cfg = EncoderConfig(**{**TINY_BERT, **variant})
         out = SentenceEncoder(cfg)(params, ids, mask)
         assert out.dtype == jnp.float32
-        tol = 3e-2 if "dtype" in variant else 1e-6
+        tol = 3e-2 if "remat" not in variant else 1e-6
         np.testing.assert_allclose(out, ref, atol=tol)
+        if "remat" not in variant:  # rounded, so not the float32 result
+            assert np.abs(np.asarray(out) - np.asarray(ref)).max() > 1e-6
+    # bfloat16 matmul inputs alone keep the activations float32
+    hidden = lambda **kw: BertModel(EncoderConfig(**{**TINY_BERT, **kw})).apply({"params": params}, ids, mask)
+    assert hidden(matmul_dtype="bfloat16").dtype == jnp.float32 and hidden(dtype="bfloat16").dtype == jnp.bfloat16
     # remat must give the same gradients too
     loss = lambda p, cfg: jnp.sum(SentenceEncoder(cfg)(p, ids, mask) ** 3)
     g0 = jax.grad(loss)(params, config)
     g1 = jax.grad(loss)(params, EncoderConfig(**{**TINY_BERT, "remat": "full"}))
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_einsum_attention_equals_jax_attention_values_and_gradients():
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.normal(size=(3, 7, 4, 8)).astype(np.float32)) for _ in range(3))
+    mask = np.ones((3, 7), np.int32)
+    mask[1, 4:] = 0
+    mask[2, 1:] = 0
+    ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(mask)[:, None, None, :].astype(bool),
+                                                       implementation="xla")
+    ours = lambda q, k, v: einsum_attention(q, k, v, jnp.asarray(mask))
+    np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), atol=1e-6)
+    weights = jnp.asarray(rng.normal(size=q.shape).astype(np.float32))
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, k, v) for f in (ours, ref)]
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_einsum_attention_fully_masked_row_is_finite_and_bfloat16_close():
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 5, 2, 4)).astype(np.float32)) for _ in range(3))
+    out = einsum_attention(q, k, v, jnp.asarray([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]]))
+    assert np.isfinite(np.asarray(out)).all()
+    np.testing.assert_allclose(out[1], jnp.broadcast_to(v[1].mean(0), out[1].shape), atol=1e-6)  # uniform weights
+    half = einsum_attention(*(t.astype(jnp.bfloat16) for t in (q, k, v)), jnp.ones((2, 5), jnp.int32))
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_allclose(half.astype(jnp.float32), einsum_attention(q, k, v, jnp.ones((2, 5), jnp.int32)),
+                               atol=3e-2)
+
+
+@pytest.mark.parametrize("impl", [None, "xla"])
+def test_attention_implementations_give_the_same_embeddings(tiny_model_dir, impl):
+    config, params, _ = hf_io.load_pretrained(tiny_model_dir)
+    ids, mask = _ids()
+    einsum = SentenceEncoder(EncoderConfig(**{**TINY_BERT, "attention_impl": "einsum"}))(params, ids, mask)
+    other = SentenceEncoder(EncoderConfig(**{**TINY_BERT, "attention_impl": impl}))(params, ids, mask)
+    np.testing.assert_allclose(other, einsum, atol=1e-6)
+    with pytest.raises(ValueError, match="attention_impl 'flash' is not one of"):
+        EncoderConfig(attention_impl="flash")
+    with pytest.raises(ValueError, match="matmul_dtype 'float16' is not one of"):
+        EncoderConfig(matmul_dtype="float16")
 
 
 def test_roberta_positions_start_after_padding_id():

@@ -147,7 +147,8 @@ def is_workdir(path: str | pathlib.Path) -> bool:
     return (path / "checkpoints").is_dir() and (path / "config.json").is_file()
 
 
-def load_text_encoder(name_or_path: str | pathlib.Path, *, dtype: str = "float32", batch_size: int = 128,
+def load_text_encoder(name_or_path: str | pathlib.Path, *, dtype: str = "float32",
+                      matmul_dtype: str | None = None, batch_size: int = 128,
                       max_len: int | None = None, query_max_len: int | None = None,
                       query_prefix: str | None = None, step: int | None = None, mesh: Mesh | None = None,
                       show_progress: bool = False) -> TextEncoder:
@@ -162,16 +163,16 @@ def load_text_encoder(name_or_path: str | pathlib.Path, *, dtype: str = "float32
 
     if is_workdir(name_or_path):
         model = export.restore_checkpoint(name_or_path, step)
-        config = dataclasses.replace(model.config, dtype=dtype)
+        config = dataclasses.replace(model.config, dtype=dtype, matmul_dtype=matmul_dtype)
         model = dataclasses.replace(model, encoder=SentenceEncoder(config, model.encoder.pooling,
                                                                    model.encoder.normalize))
         source = f"{model.source['workdir']} (checkpoint {model.source['step']}, base {model.source['base_model']})"
     else:
         if step is not None:
             raise ValueError(f"{name_or_path}: a checkpoint step needs a training workdir")
-        model = export.load_encoder(name_or_path, dtype=dtype)
+        model = export.load_encoder(name_or_path, dtype=dtype, matmul_dtype=matmul_dtype)
         source = str(model.model_dir)
-    limit = model.config.max_position_embeddings - model.config.position_offset
+    limit = export.position_limit(model)
     query_len = query_max_len or max_len or export.max_length(model, query=True)
     doc_len = max_len or export.max_length(model, query=False)
     for name, value in (("query max length", query_len), ("max length", doc_len)):
