@@ -75,8 +75,11 @@ def test_eight_devices_equal_one_device(tiny):
         assert len(parallel.global_batch(batch, mesh)["grades"].sharding.device_set) == n
         results[n] = (float(loss), jax.device_get(grads))
     assert results[8][0] == pytest.approx(results[1][0], rel=1e-5)
+    # The word-embedding gradient sums every token's contribution, in another order on 8 devices:
+    # float32 reassociation moves entries by up to ~1e-6 of the largest (measured: 7e-7 with jax's
+    # attention, 9e-7 with einsum_attention); a wrong gradient is off by far more.
     for a, b in zip(jax.tree.leaves(results[1][1]), jax.tree.leaves(results[8][1])):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7 * max(1.0, float(np.abs(a).max())))
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=2e-6 * max(1.0, float(np.abs(a).max())))
     # And both equal an independent float64 computation with the labels in the right order.
     q = encoder(enc_params, batch["query_input_ids"], batch["query_attention_mask"])
     d = encoder(enc_params, batch["doc_input_ids"], batch["doc_attention_mask"])
