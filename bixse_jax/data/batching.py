@@ -199,7 +199,24 @@ class EpochOrder:
         return self.global_indices(step)[start:start + self.local_batch_size]
 
 
-class PairBatcher(EpochOrder):
+class StepBatches:
+    """Endless iteration over `batch(step)`, the one method a batcher defines."""
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Yields batch(start_step), batch(start_step + 1), ... without end."""
+        step = start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self.iterate(0)
+
+
+class PairBatcher(EpochOrder, StepBatches):
     """Deterministic global batches of graded pairs; each process gets its slice.
 
     Global batch `step` is drawn without replacement from epoch `step // spe`,
@@ -262,13 +279,3 @@ class PairBatcher(EpochOrder):
             "doc_ids": self._doc_ids[local],
             "grades": self._grades[local],
         }
-
-    def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """Yields batch(start_step), batch(start_step + 1), ... without end."""
-        step = start_step
-        while True:
-            yield self.batch(step)
-            step += 1
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self.iterate(0)

@@ -28,7 +28,8 @@ import grain
 import numpy as np
 
 from bixse_jax.data import tfds_builder
-from bixse_jax.data.batching import EpochOrder, Tokenizer, check_processes, bucket_length, pad_batch
+from bixse_jax.data.batching import (EpochOrder, StepBatches, Tokenizer, bucket_length, check_processes,
+                                     pad_batch)
 
 _NO_END = 2**62  # steps in the (endless) step dataset
 _LENGTH_CAP = 512
@@ -147,7 +148,7 @@ class _LocalBatchLoader(EpochOrder):
         }
 
 
-class GrainPairBatcher:
+class GrainPairBatcher(StepBatches):
     """Deterministic global batches read from ArrayRecord with grain; each process gets its slice.
 
     Drop-in for `PairBatcher` (same methods and attributes, same batches for the same seed).
@@ -231,16 +232,6 @@ class GrainPairBatcher:
             self._iterator = iter(self.dataset(step))
         self._next_step = step + 1
         return next(self._iterator)
-
-    def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """Yields batch(start_step), batch(start_step + 1), ... without end."""
-        step = start_step
-        while True:
-            yield self.batch(step)
-            step += 1
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self.iterate(0)
 
     def close(self) -> None:
         """Stops the worker processes, if any."""
