@@ -311,7 +311,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chosen", default=None,
                         help="DATASET=LR,... : skip the selection and use these rates (an earlier selection.json)")
     parser.add_argument("--skip-results", default=None,
-                        help="a results.jsonl of an earlier, cut-short sweep: runs finished there are not redone")
+                        help="results.jsonl files or folders of them (comma-separated) of earlier sweeps: "
+                             "runs finished there are not redone")
     parser.add_argument("--steps", type=int, default=None, help="override every data set's steps (smoke tests)")
     parser.add_argument("--print-commands", action="store_true")
     args = parser.parse_args(argv)
@@ -332,11 +333,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def finished_names(path: str | None) -> set[str]:
-    """Names of the runs that finished (have a value) in a results.jsonl."""
-    if not path:
-        return set()
-    rows = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+def finished_names(paths: str | None) -> set[str]:
+    """Names of the runs that finished (have a value) in comma-separated results.jsonl files or
+    folders of them (every *.jsonl inside, e.g. docs/results_runs)."""
+    files: list[pathlib.Path] = []
+    for path in map(pathlib.Path, filter(None, (paths or "").split(","))):
+        files += sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
     return {r["name"] for r in rows if "value" in r}
 
 

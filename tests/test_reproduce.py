@@ -104,6 +104,18 @@ def _tiny_data_root(root: pathlib.Path) -> pathlib.Path:
     return root
 
 
+def test_finished_runs_are_read_from_files_and_folders(tmp_path):
+    row = lambda name, **kw: json.dumps({"name": name, **kw}) + "\n"
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "gpu.jsonl").write_text(row("a", value=0.5) + row("b", error="out of memory"))
+    (tmp_path / "runs" / "cpu.jsonl").write_text(row("c", value=0.7) + "\n")
+    (tmp_path / "runs" / "notes.txt").write_text("not results")
+    (tmp_path / "more.jsonl").write_text(row("d", value=0.1))
+    assert repro.finished_names(f"{tmp_path / 'runs'},{tmp_path / 'more.jsonl'}") == {"a", "c", "d"}
+    assert repro.finished_names(None) == set()
+    assert repro.finished_names(str(REPO / "docs" / "results_runs")) >= {"test-stsb-BiXSE-lr3e-05-seed0"}
+
+
 @pytest.fixture(scope="module")
 def tiny_model_512(tmp_path_factory, tiny_model_dir) -> pathlib.Path:
     """The tiny test BERT with 512 positions, enough for the real configs' 256-token documents."""
