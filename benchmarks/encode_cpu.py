@@ -68,11 +68,10 @@ def _sentence_transformers(model: str, max_len: int, batch_size: int, bf16: bool
 
 def _ndcg_at_10(query_emb: np.ndarray, doc_emb: np.ndarray, query_ids: list[str], doc_ids: list[str],
                 qrels: dict[str, dict[str, float]]) -> float:
-    from bixse_jax.eval import metrics
-    scores = query_emb @ doc_emb.T
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :100]
-    run = {q: {doc_ids[j]: float(scores[i, j]) for j in top[i]} for i, q in enumerate(query_ids)}
-    return metrics.ndcg_at_k(run, qrels, 10)
+    """Exact search with the project's own top-k (as `bixse-jax eval --beir` does), then nDCG@10."""
+    from bixse_jax.eval import metrics, search
+    scores, indices = search.top_k_search(query_emb, doc_emb, 100)
+    return metrics.ndcg_at_k(search.top_k_run(query_ids, doc_ids, scores, indices), qrels, 10)
 
 
 def main() -> None:

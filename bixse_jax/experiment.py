@@ -23,7 +23,7 @@ def load_model(cfg: ml_collections.ConfigDict) -> SentenceModel:
     Goes through the same loader as `bixse-jax eval` and the public API, so a bixse-jax export
     (its bixse.json pooling and prompt) fine-tunes like any HF / sentence-transformers folder.
     """
-    overrides = {"dtype": cfg.dtype, "matmul_dtype": cfg.get("matmul_dtype"), "remat": cfg.remat,
+    overrides = {"dtype": cfg.dtype, "matmul_dtype": cfg.matmul_dtype, "remat": cfg.remat,
                  "attention_impl": cfg.attention_impl}
     if cfg.dropout is not None:
         overrides["hidden_dropout_prob"] = float(cfg.dropout)

@@ -36,7 +36,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     parser.add_argument("--matmul-dtype", default=None, choices=("float32", "bfloat16"),
                         help="dense matmul inputs (default: --dtype); bfloat16 with float32 --dtype keeps float32 "
-                             "accumulation and activations, ~2x faster on CPUs with AMX")
+                             "accumulation and activations (1.7x faster on a CPU with AMX: docs/benchmarks.md)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: newest)")
 
 
