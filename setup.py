@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+# Intel MKL ships wheels for x86-64 only; elsewhere the MKL matmul path reports itself unavailable.
+MKL = "mkl>=2025; platform_machine == 'x86_64' or platform_machine == 'AMD64'"
+
 setup(
     name="bixse-jax",
     version="0.1.0",
@@ -11,6 +14,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["bixse_jax", "bixse_jax.*"]),
+    # The MKL matmul handler's source, built on first use (bixse_jax/models/cpu_blas.py).
+    package_data={"bixse_jax.models": ["cpu_blas_ffi.cc"]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.10",
@@ -30,10 +35,14 @@ setup(
         "importlib_resources",  # tfds needs it to build a builder that lives in a package
     ],
     extras_require={
+        # Float32 dense layers through Intel MKL on a CPU (`--dense-impl mkl`, docs/benchmarks.md);
+        # needs a C++17 compiler too.
+        "mkl": [MKL],
         # torch is pinned: 2.13.0 is the CPU build these machines carry; an unpinned torch pulls
         # a multi-GB CUDA build. It and sentence-transformers serve the interoperability tests.
         "test": ["pytest>=8", "scipy>=1.11", "ir-measures>=0.3", "torch==2.13.0", "sentence-transformers>=6,<7",
-                 "matplotlib>=3.8"],  # matplotlib: the reproduction's plot (experiments/make_results.py)
+                 "matplotlib>=3.8",  # matplotlib: the reproduction's plot (experiments/make_results.py)
+                 MKL],  # tests/test_cpu_blas.py
     },
     entry_points={"console_scripts": ["bixse-jax=bixse_jax.cli:main"]},
 )

@@ -1,7 +1,7 @@
 """CPU encoding throughput: bixse-jax vs sentence-transformers (PyTorch) on the SciFact corpus.
 
   python benchmarks/encode_cpu.py [--data ../shared/data/scifact] [--subset 512] [--max-len 256]
-      [--modes bixse-f32,bixse-bf16-matmul,st-f32,st-bf16]
+      [--modes bixse-f32,bixse-f32-mkl,bixse-bf16-matmul,st-f32,st-bf16]
 
 Every mode encodes the same texts (title + " " + abstract) with all-MiniLM-L6-v2 at the same
 length and batch size, one after the other in this process, and prints one JSON object: per mode
@@ -10,7 +10,9 @@ seconds are the fairer comparison), the largest difference from the first mode's
 SciFact test nDCG@10 of exact search with that mode's query and document embeddings (the cost of
 a lower precision, in the metric that matters). Modes:
 
-  bixse-f32           bixse-jax, float32 (the default)
+  bixse-f32           bixse-jax, float32, XLA's matmuls (the default without MKL)
+  bixse-f32-mkl       bixse-jax, float32, dense layers through Intel MKL (--dense-impl mkl; the
+                      default where `pip install 'bixse-jax[mkl]'` and a C++ compiler are)
   bixse-bf16-matmul   bixse-jax, bfloat16 matmul inputs, float32 accumulation and activations
   st-f32              sentence-transformers, float32 (its default)
   st-bf16             sentence-transformers with the model in bfloat16
@@ -33,19 +35,22 @@ from typing import Callable
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-MODES = ("bixse-f32", "bixse-bf16-matmul", "st-f32", "st-bf16")
+MODES = ("bixse-f32", "bixse-f32-mkl", "bixse-bf16-matmul", "st-f32", "st-bf16")
 
 # A mode: (documents -> embeddings, queries -> embeddings, facts about the library).
 Encoders = tuple[Callable[[list[str]], np.ndarray], Callable[[list[str]], np.ndarray], dict]
 
 
-def _bixse(model: str, max_len: int, batch_size: int, matmul_dtype: str | None) -> Encoders:
+def _bixse(model: str, max_len: int, batch_size: int, matmul_dtype: str | None, dense_impl: str) -> Encoders:
     import jax
 
     from bixse_jax import parallel
+    from bixse_jax.commands.eval import dense_impl as resolve_dense_impl
     from bixse_jax.eval.evaluate import load_text_encoder
+    dense_impl = resolve_dense_impl(dense_impl, "float32", matmul_dtype)  # a clear error without MKL
     parallel.one_cpu_device_per_core()  # as the encode/eval commands do
-    enc = load_text_encoder(model, max_len=max_len, batch_size=batch_size, matmul_dtype=matmul_dtype)
+    enc = load_text_encoder(model, max_len=max_len, batch_size=batch_size, matmul_dtype=matmul_dtype,
+                            dense_impl=dense_impl)
     return enc.documents, enc.queries, {"devices": jax.device_count(), "jax": jax.__version__}
 
 
@@ -105,7 +110,8 @@ def main() -> None:
     for mode in modes:
         if mode.startswith("bixse"):
             docs, qs, facts = _bixse(str(model), args.max_len, args.batch_size,
-                                     "bfloat16" if mode == "bixse-bf16-matmul" else None)
+                                     "bfloat16" if mode == "bixse-bf16-matmul" else None,
+                                     "mkl" if mode == "bixse-f32-mkl" else "xla")
         else:
             docs, qs, facts = _sentence_transformers(str(model), args.max_len, args.batch_size, mode == "st-bf16")
         start, cpu = time.perf_counter(), time.process_time()

@@ -37,16 +37,35 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--matmul-dtype", default=None, choices=("float32", "bfloat16"),
                         help="dense matmul inputs (default: --dtype); bfloat16 with float32 --dtype keeps float32 "
                              "accumulation and activations (1.7x faster on a CPU with AMX: docs/benchmarks.md)")
+    parser.add_argument("--dense-impl", default="auto", choices=("auto", "xla", "mkl"),
+                        help="float32 dense matmuls on a CPU: mkl (Intel MKL, pip install 'bixse-jax[mkl]'; "
+                             "1.4x faster: docs/benchmarks.md) or xla; auto: mkl where it is available")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: newest)")
+
+
+def dense_impl(choice: str, dtype: str, matmul_dtype: str | None) -> str:
+    """--dense-impl resolved: "auto" is "mkl" for float32 matmuls where MKL can run, else "xla"."""
+    from bixse_jax.models import cpu_blas
+    float32 = dtype == "float32" and matmul_dtype in (None, "float32")
+    if choice == "auto":
+        return "mkl" if float32 and cpu_blas.available() else "xla"
+    if choice == "mkl":
+        if not float32:
+            raise ValueError(f"--dense-impl mkl multiplies in float32; got --dtype {dtype} --matmul-dtype {matmul_dtype}")
+        reason = cpu_blas.unavailable_reason()
+        if reason:
+            raise ValueError(f"--dense-impl mkl: {reason}")
+    return choice
 
 
 def load_encoder(args: argparse.Namespace):
     from bixse_jax import parallel
     from bixse_jax.eval.evaluate import load_text_encoder
+    dense = dense_impl(args.dense_impl, args.dtype, args.matmul_dtype)
     parallel.one_cpu_device_per_core()  # on a CPU: every core encodes (JAX_NUM_CPU_DEVICES=1 to opt out)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    return load_text_encoder(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype,
+    return load_text_encoder(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype, dense_impl=dense,
                              batch_size=args.batch_size, max_len=args.max_len,
                              query_max_len=args.query_max_len, query_prefix=args.query_prefix,
                              step=args.step, show_progress=True)

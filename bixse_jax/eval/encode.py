@@ -7,7 +7,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 from tqdm import tqdm
 
 from bixse_jax import parallel
@@ -19,8 +19,17 @@ DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
 
 @functools.lru_cache(maxsize=32)
 def _jitted_encoder(encoder: SentenceEncoder, mesh: Mesh):
-    """One jitted function per (encoder, mesh), so repeated calls reuse compiled buckets."""
-    return jax.jit(lambda p, ids, mask: encoder(p, ids, mask), out_shardings=parallel.replicated(mesh))
+    """One jitted function per (encoder, mesh), so repeated calls reuse compiled buckets.
+
+    Each text is encoded alone, so every device runs the whole forward on its slice of the batch
+    (shard_map) and nothing is communicated until the embeddings are gathered. Written per device,
+    the MKL dense layers (`dense_impl="mkl"`, custom calls that XLA's partitioner cannot split)
+    run on each device's slice instead of on an all-gathered batch.
+    """
+    batch = P(parallel.BATCH_AXES)
+    local = jax.shard_map(lambda p, ids, mask: encoder(p, ids, mask), mesh=mesh,
+                          in_specs=(P(), batch, batch), out_specs=batch)
+    return jax.jit(local, out_shardings=parallel.replicated(mesh))
 
 
 def encode_texts(encoder: SentenceEncoder, params: dict, tokenizer: Tokenizer, texts: Sequence[str], *,

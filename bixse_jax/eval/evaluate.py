@@ -148,7 +148,7 @@ def is_workdir(path: str | pathlib.Path) -> bool:
 
 
 def load_text_encoder(name_or_path: str | pathlib.Path, *, dtype: str = "float32",
-                      matmul_dtype: str | None = None, batch_size: int = 128,
+                      matmul_dtype: str | None = None, dense_impl: str = "xla", batch_size: int = 128,
                       max_len: int | None = None, query_max_len: int | None = None,
                       query_prefix: str | None = None, step: int | None = None, mesh: Mesh | None = None,
                       show_progress: bool = False) -> TextEncoder:
@@ -163,14 +163,14 @@ def load_text_encoder(name_or_path: str | pathlib.Path, *, dtype: str = "float32
 
     if is_workdir(name_or_path):
         model = export.restore_checkpoint(name_or_path, step)
-        config = dataclasses.replace(model.config, dtype=dtype, matmul_dtype=matmul_dtype)
+        config = dataclasses.replace(model.config, dtype=dtype, matmul_dtype=matmul_dtype, dense_impl=dense_impl)
         model = dataclasses.replace(model, encoder=SentenceEncoder(config, model.encoder.pooling,
                                                                    model.encoder.normalize))
         source = f"{model.source['workdir']} (checkpoint {model.source['step']}, base {model.source['base_model']})"
     else:
         if step is not None:
             raise ValueError(f"{name_or_path}: a checkpoint step needs a training workdir")
-        model = export.load_encoder(name_or_path, dtype=dtype, matmul_dtype=matmul_dtype)
+        model = export.load_encoder(name_or_path, dtype=dtype, matmul_dtype=matmul_dtype, dense_impl=dense_impl)
         source = str(model.model_dir)
     limit = export.position_limit(model)
     query_len = query_max_len or max_len or export.max_length(model, query=True)
