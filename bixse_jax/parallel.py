@@ -40,6 +40,11 @@ def make_mesh(data_parallelism: int = -1, fsdp: int = 1, devices: Sequence[jax.D
     return Mesh(np.asarray(devices[:data * fsdp]).reshape(data, fsdp), BATCH_AXES)
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def one_cpu_device_per_core() -> int | None:
     """Splits the host CPU into one XLA device per core; for commands that only encode.
 
@@ -52,7 +57,7 @@ def one_cpu_device_per_core() -> int | None:
     if ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
             or jax.config.jax_num_cpu_devices != -1):
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_cores()
     try:
         jax.config.update("jax_num_cpu_devices", cores)
     except RuntimeError:  # backends already initialised: too late to change

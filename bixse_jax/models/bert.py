@@ -124,15 +124,14 @@ class EncoderConfig:
 
 
 def _dense(cfg: EncoderConfig, features: int, name: str) -> nn.Dense:
-    if cfg.dense_impl == "mkl" and jax.default_backend() == "cpu":
-        return nn.Dense(features, dtype=jnp.float32, param_dtype=jnp.float32, dot_general=cpu_blas.dot_general,
-                        kernel_init=nn.initializers.normal(0.02), name=name)
-    if cfg.matmul_dtype in (None, cfg.dtype):
-        return nn.Dense(features, dtype=cfg.dtype, param_dtype=jnp.float32,
-                        kernel_init=nn.initializers.normal(0.02), name=name)
-    # Inputs (and bias) in matmul_dtype; the product comes out, accumulated, in the compute dtype.
-    dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.dtype(cfg.dtype))
-    return nn.Dense(features, dtype=cfg.matmul_dtype, param_dtype=jnp.float32, dot_general=dot,
+    dtype, dot = cfg.dtype, jax.lax.dot_general
+    if cfg.dense_impl == "mkl" and jax.default_backend() == "cpu":  # float32, as the config checks
+        dot = cpu_blas.dot_general
+    elif cfg.matmul_dtype not in (None, cfg.dtype):
+        # Inputs (and bias) in matmul_dtype; the product comes out, accumulated, in the compute dtype.
+        dtype = cfg.matmul_dtype
+        dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.dtype(cfg.dtype))
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, dot_general=dot,
                     kernel_init=nn.initializers.normal(0.02), name=name)
 
 

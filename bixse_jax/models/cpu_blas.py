@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import jaxlib.version
 
+from bixse_jax import parallel
+
 SOURCE = pathlib.Path(__file__).with_name("cpu_blas_ffi.cc")
 TARGET = "bixse_mkl_sgemm"
 _SGEMM = "cblas_sgemm_64"  # ILP64: 64-bit sizes, as the handler passes them
@@ -111,8 +113,7 @@ def _threads_per_device() -> None:
     per call, would put two threads on each core. MKL_NUM_THREADS, when set, wins."""
     if os.environ.get("MKL_NUM_THREADS") or _MKL is None:
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    _MKL.MKL_Set_Num_Threads(max(1, cores // max(1, len(jax.devices("cpu")))))
+    _MKL.MKL_Set_Num_Threads(max(1, parallel.cpu_cores() // max(1, len(jax.devices("cpu")))))
 
 
 def unavailable_reason() -> str | None:
