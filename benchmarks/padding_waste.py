@@ -29,7 +29,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bixse_jax.data.batching import PairBatcher, Tokenizer, bucket_length  # noqa: E402
+from bixse_jax.data.batching import PairBatcher, bucket_length  # noqa: E402
+from bixse_jax.data.tokenizer import Tokenizer  # noqa: E402
 from bixse_jax.data.sources import read_beir, read_beir_eval  # noqa: E402
 from bixse_jax.default_config import MINILM, base_config  # noqa: E402
 from bixse_jax.models.hf_io import resolve_model_dir  # noqa: E402

@@ -1,6 +1,6 @@
 """Train-step throughput of bixse-jax, comparable with the peer sentence-transformers script.
 
-Times the real step (train.make_optimizer / init_state / make_loss_fn / make_train_step /
+Times the real step (step_lib.make_optimizer / init_state / make_loss_fn / make_train_step /
 jit_train_step, or grad_cache's cached step) on random token ids with the peer's shapes (query 32,
 document 128 tokens, no padding) on random-init BERT-base / MiniLM-L6, BiXSE loss, AdamW, and
 prints one JSON line per setting: pairs/s, achieved TFLOP/s and MFU (the peer's FLOP formula:
@@ -85,7 +85,7 @@ def run_setting(s: Setting) -> dict[str, Any]:
     import numpy as np
 
     jax.config.update("jax_default_prng_impl", s.prng)
-    from bixse_jax import grad_cache, parallel, train
+    from bixse_jax import grad_cache, parallel, step as step_lib
     from bixse_jax.default_config import base_config
     from bixse_jax.models.bert import EncoderConfig, init_params
     from bixse_jax.models.encoder import SentenceEncoder
@@ -106,18 +106,18 @@ def run_setting(s: Setting) -> dict[str, Any]:
                                attention_impl=None if s.attention == "default" else s.attention)
     encoder = SentenceEncoder(enc_config)
     use_dropout = s.dropout > 0
-    tx, schedule = train.make_optimizer(config.train)
-    init = jax.jit(lambda key: train.init_state(init_params(enc_config, key), config.loss, tx, seed=0),
+    tx, schedule = step_lib.make_optimizer(config.train)
+    init = jax.jit(lambda key: step_lib.init_state(init_params(enc_config, key), config.loss, tx, seed=0),
                    out_shardings=parallel.replicated(mesh))
     state = init(jax.random.PRNGKey(0))
     if s.chunk:
         grad_cache.check_chunk(s.batch, s.chunk, mesh)
-        step = grad_cache.make_cached_train_step(train.make_embed_fn(encoder, use_dropout),
-                                                 train.make_embedding_loss_fn(config.loss, mesh), tx, schedule,
+        step = grad_cache.make_cached_train_step(step_lib.make_embed_fn(encoder, use_dropout),
+                                                 step_lib.make_objective(config.loss, mesh), tx, schedule,
                                                  chunk=s.chunk, mesh=mesh)
     else:
-        step = train.make_train_step(train.make_loss_fn(encoder, config.loss, mesh, use_dropout), tx, schedule)
-    jitted = train.jit_train_step(step, mesh, state)
+        step = step_lib.make_train_step(step_lib.make_loss_fn(encoder, config.loss, mesh, use_dropout), tx, schedule)
+    jitted = step_lib.jit_train_step(step, mesh, state)
 
     @jax.jit
     def make_batch(key):  # on the device, already sharded: nothing crosses the host while timing

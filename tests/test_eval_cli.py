@@ -262,12 +262,12 @@ def test_training_evaluator_kinds_match_the_cli_functions(tiny_model_dir, tiny_e
 def test_workdir_loads_the_latest_checkpoint(tiny_model_dir, beir_dir, tmp_path, capsys):
     import jax
 
-    from bixse_jax import train
+    from bixse_jax import checkpoint, train
 
     config = _tiny_config(tiny_model_dir, beir_dir)
     config.eval.kind = "none"
     _, state = train.train(config, tmp_path / "run", show_progress=False)
-    assert evaluate.is_workdir(tmp_path / "run") and not evaluate.is_workdir(tiny_model_dir)
+    assert checkpoint.is_workdir(tmp_path / "run") and not checkpoint.is_workdir(tiny_model_dir)
     enc = evaluate.load_text_encoder(tmp_path / "run")
     for a, b in zip(jax.tree.leaves(enc.params), jax.tree.leaves(jax.device_get(state.params["encoder"]))):
         np.testing.assert_array_equal(a, b)

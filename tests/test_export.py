@@ -15,7 +15,7 @@ from flax import serialization, traverse_util
 from safetensors.numpy import load_file
 
 import bixse_jax
-from bixse_jax import export
+from bixse_jax import checkpoint, export
 from bixse_jax.commands import export as export_command
 from bixse_jax.eval.encode import encode_texts
 from bixse_jax.models import hf_io
@@ -196,7 +196,7 @@ def test_cli_refuses_bad_targets_and_inputs(trained, minilm_path, tmp_path, caps
 
 def test_failed_export_leaves_nothing_half_written(trained, tmp_path, monkeypatch):
     workdir, _ = trained
-    model = export.restore_checkpoint(workdir)
+    model = checkpoint.restore_model(workdir)
 
     def broken_copy(source, tmp):
         assert (tmp / "model.safetensors").is_file()  # midway: the weights are already written
@@ -248,7 +248,7 @@ def test_one_and_eight_device_runs_export_alike(trained, tiny_model_dir, tmp_pat
     outs = {}
     for n, (workdir, state) in runs.items():
         outs[n] = export.export_checkpoint(workdir, tmp_path / f"st{n}", "sentence-transformers")
-        model = export.restore_checkpoint(workdir)
+        model = checkpoint.restore_model(workdir)
         pooler, _ = export._pooler(model)
         params = {**jax.device_get(state.params["encoder"]), "pooler": pooler}
         want = safetensors_bytes(hf_io.flax_to_torch(params), metadata={"format": "pt"})

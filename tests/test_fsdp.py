@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bixse_jax import parallel, train
+from bixse_jax import parallel, step as step_lib
 from bixse_jax.default_config import base_config
 from bixse_jax.models import hf_io
 from bixse_jax.models.encoder import SentenceEncoder
@@ -46,21 +46,21 @@ def test_two_by_four_mesh_equals_eight_by_one(tiny_model_dir):
     encoder = SentenceEncoder(config)
     cfg = base_config()
     cfg.train.warmup_steps = 0  # so that the one step moves the parameters
-    tx, schedule = train.make_optimizer(cfg.train)
+    tx, schedule = step_lib.make_optimizer(cfg.train)
     batch = _random_batch()
     results = {}
     for data, fsdp in ((8, 1), (2, 4)):
         mesh = parallel.make_mesh(data, fsdp)
         cfg.mesh.fsdp = fsdp
-        state = train.init_sharded_state(enc_params, cfg, tx, mesh)
+        state = step_lib.init_sharded_state(enc_params, cfg, tx, mesh)
         kernel = state.params["encoder"]["encoder"]["layer"]["0"]["intermediate"]["dense"]["kernel"]
         assert kernel.sharding.spec == P("fsdp", None)
         assert len(kernel.addressable_shards) == 8 and kernel.addressable_shards[0].data.shape[0] == 32 // fsdp
-        loss_fn = train.make_loss_fn(encoder, cfg.loss, mesh, use_dropout=False)
+        loss_fn = step_lib.make_loss_fn(encoder, cfg.loss, mesh, use_dropout=False)
         grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
         global_batch = parallel.global_batch(batch, mesh)
         (loss, _), grads = grad_fn(state.params, global_batch, jax.random.PRNGKey(0))
-        step = train.jit_train_step(train.make_train_step(loss_fn, tx, schedule), mesh, state)
+        step = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, tx, schedule), mesh, state)
         new_state, metrics = step(state, global_batch)
         results[(data, fsdp)] = (float(loss), jax.device_get(grads), jax.device_get(new_state.params))
     (l8, g8, p8), (l2, g2, p2) = results[(8, 1)], results[(2, 4)]

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from bixse_jax import grad_cache, parallel, train
+from bixse_jax import grad_cache, parallel, step as step_lib
 from bixse_jax.default_config import base_config
 from bixse_jax.models import hf_io
 from bixse_jax.models.encoder import SentenceEncoder
@@ -65,7 +65,7 @@ def plain(tiny):
     """train.py's plain (uncached) loss and gradients on one device: the reference for every layout."""
     encoder, params = tiny
     _, batch = _on_mesh(params, None)
-    loss_fn = train.make_loss_fn(encoder, base_config().loss, None, use_dropout=False)
+    loss_fn = step_lib.make_loss_fn(encoder, base_config().loss, None, use_dropout=False)
     (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch, jax.random.PRNGKey(3))
     assert float(optax.tree.norm(grads["encoder"])) > 1e-3 and abs(float(grads["bias"])) > 1e-3  # not trivially 0
     return float(loss), jax.device_get(metrics), jax.device_get(grads)
@@ -79,8 +79,8 @@ def test_cached_loss_and_gradients_equal_plain_backprop(tiny, plain, devices, ch
     mesh = parallel.make_mesh(devices)
     params, batch = _on_mesh(params, mesh)
     cfg = base_config().loss
-    cached_fn = grad_cache.make_cached_loss_fn(train.make_embed_fn(encoder, False),
-                                               train.make_embedding_loss_fn(cfg, mesh), chunk=chunk, mesh=mesh)
+    cached_fn = grad_cache.make_cached_loss_fn(step_lib.make_embed_fn(encoder, False),
+                                               step_lib.make_objective(cfg, mesh), chunk=chunk, mesh=mesh)
     (got_loss, got_metrics), got = jax.jit(jax.value_and_grad(cached_fn, has_aux=True))(
         params, batch, jax.random.PRNGKey(3))
     assert len(batch["grades"].sharding.device_set) == devices
@@ -91,7 +91,7 @@ def test_cached_loss_and_gradients_equal_plain_backprop(tiny, plain, devices, ch
 
 
 def test_cached_train_step_equals_plain_update_with_fsdp(tiny, plain):
-    """The whole jitted step through train.jit_train_step on a 4 (data) x 2 (fsdp) mesh with the
+    """The whole jitted step through step_lib.jit_train_step on a 4 (data) x 2 (fsdp) mesh with the
     parameters and optimiser state sharded: its metrics and AdamW update equal those computed
     from the plain gradients."""
     encoder, params = tiny
@@ -100,15 +100,15 @@ def test_cached_train_step_equals_plain_update_with_fsdp(tiny, plain):
     config.train.learning_rate, config.train.warmup_steps, config.mesh.fsdp = 1e-3, 0, 2
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
-    tx, schedule = train.make_optimizer(config.train)
-    start = jax.device_get(train.init_state(params["encoder"], config.loss, tx, seed=0))  # host copy: the step donates
-    state = train.init_sharded_state(params["encoder"], config, tx, mesh)
+    tx, schedule = step_lib.make_optimizer(config.train)
+    start = jax.device_get(step_lib.init_state(params["encoder"], config.loss, tx, seed=0))  # host copy: the step donates
+    state = step_lib.init_sharded_state(params["encoder"], config, tx, mesh)
     kernel = state.params["encoder"]["encoder"]["layer"]["0"]["intermediate"]["dense"]["kernel"]
     assert "fsdp" in str(kernel.sharding.spec)  # the layout under test really is sharded
     step_fn = grad_cache.make_cached_train_step(
-        train.make_embed_fn(encoder, False), train.make_embedding_loss_fn(config.loss, mesh), tx, schedule,
+        step_lib.make_embed_fn(encoder, False), step_lib.make_objective(config.loss, mesh), tx, schedule,
         chunk=16, mesh=mesh)
-    state, metrics = train.jit_train_step(step_fn, mesh, state)(state, parallel.global_batch(_batch(), mesh))
+    state, metrics = step_lib.jit_train_step(step_fn, mesh, state)(state, parallel.global_batch(_batch(), mesh))
     state, metrics = jax.device_get((state, metrics))
     assert int(state.step) == 1 and float(metrics["nonfinite"]) == 0.0
     assert float(metrics["loss"]) == pytest.approx(want_loss, rel=1e-5)
@@ -131,11 +131,11 @@ def test_dropout_cached_equals_backprop_with_the_same_sub_batch_keys(tiny_model_
     params, batch = _on_mesh(params, mesh)
     cfg = base_config().loss
     kwargs = dict(chunk=8, mesh=mesh)
-    embed_loss = train.make_embedding_loss_fn(cfg, mesh)
+    embed_loss = step_lib.make_objective(cfg, mesh)
     cached = jax.jit(jax.value_and_grad(grad_cache.make_cached_loss_fn(
-        train.make_embed_fn(encoder, True), embed_loss, **kwargs), has_aux=True))
+        step_lib.make_embed_fn(encoder, True), embed_loss, **kwargs), has_aux=True))
     reference = jax.jit(jax.value_and_grad(grad_cache.make_chunked_loss_fn(
-        train.make_embed_fn(encoder, True), embed_loss, **kwargs), has_aux=True))
+        step_lib.make_embed_fn(encoder, True), embed_loss, **kwargs), has_aux=True))
     rng = jax.random.PRNGKey(7)
     (got_loss, _), got = cached(params, batch, rng)
     (want_loss, _), want = reference(params, batch, rng)
@@ -162,7 +162,7 @@ def test_bad_chunk_is_a_clear_error(tiny):
     assert grad_cache.check_chunk(32, 8, mesh) == 4 and grad_cache.check_chunk(32, 4, None) == 8
     # The step itself refuses a chunk that does not fit the batch it is given, at trace time.
     params, batch = _on_mesh(params, mesh)
-    loss_fn = grad_cache.make_cached_loss_fn(train.make_embed_fn(encoder, False),
-                                             train.make_embedding_loss_fn(cfg, mesh), chunk=12, mesh=mesh)
+    loss_fn = grad_cache.make_cached_loss_fn(step_lib.make_embed_fn(encoder, False),
+                                             step_lib.make_objective(cfg, mesh), chunk=12, mesh=mesh)
     with pytest.raises(ValueError, match="does not divide"):
         jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch, jax.random.PRNGKey(0))

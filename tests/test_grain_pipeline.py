@@ -8,7 +8,8 @@ import pytest
 
 from bixse_jax.commands import data as data_command
 from bixse_jax.data import grain_pipeline, sources, tfds_builder
-from bixse_jax.data.batching import PairBatcher, Tokenizer, bucket_length
+from bixse_jax.data.batching import PairBatcher, bucket_length
+from bixse_jax.data.tokenizer import Tokenizer
 from bixse_jax.data.grain_pipeline import GrainPairBatcher
 
 _SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

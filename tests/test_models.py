@@ -190,7 +190,7 @@ def test_minilm_sts_spearman_matches_reference(shared_data, minilm_path):
     """The port is faithful: STS-B test Spearman 0.8203 like sentence-transformers (float32)."""
     from scipy.stats import spearmanr
 
-    from bixse_jax.data.batching import Tokenizer
+    from bixse_jax.data.tokenizer import Tokenizer
     from bixse_jax.data.sources import read_sts
     from bixse_jax.eval.encode import encode_texts
 

@@ -66,7 +66,7 @@ def test_train_and_eval_are_disjoint(demo):
 
 
 def test_texts_nonempty_and_short(demo, minilm_path):
-    from bixse_jax.data.batching import Tokenizer  # pylint: disable=import-outside-toplevel
+    from bixse_jax.data.tokenizer import Tokenizer
     texts = ([p.query for p in demo.train] + [p.document for p in demo.train]
              + list(demo.eval_queries.values()) + list(demo.eval_corpus.values()))
     assert all(t.strip() for t in texts)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bixse_jax import parallel, train
+from bixse_jax import parallel, step as step_lib, train
 from bixse_jax.default_config import base_config
 from bixse_jax.models import hf_io
 from bixse_jax.models.encoder import SentenceEncoder
@@ -53,7 +53,7 @@ def _bixse_reference(q, d, qids, dids, grades, t, b):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from bixse_jax.data.batching import Tokenizer
+    from bixse_jax.data.tokenizer import Tokenizer
     config, params, _ = hf_io.load_pretrained(tiny_model_dir, hidden_dropout_prob=0.0)
     return SentenceEncoder(config), params, Tokenizer.from_model_dir(tiny_model_dir)
 
@@ -68,7 +68,7 @@ def test_eight_devices_equal_one_device(tiny):
     results = {}
     for n in (1, 8):
         mesh = parallel.make_mesh(n)
-        loss_fn = train.make_loss_fn(encoder, cfg, mesh, use_dropout=False)
+        loss_fn = step_lib.make_loss_fn(encoder, cfg, mesh, use_dropout=False)
         grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
         p = jax.device_put(params, parallel.replicated(mesh))
         (loss, _), grads = grad_fn(p, parallel.global_batch(batch, mesh), jax.random.PRNGKey(0))
@@ -91,13 +91,13 @@ def test_ablations_change_the_targets(tiny):
     encoder, enc_params, tok = tiny
     batch = {k: jnp.asarray(v) for k, v in _batch_with_cross_device_duplicates(tok).items()}
     cfg = base_config().loss
-    targets, labelled, mask = train.batch_targets(batch, cfg)
+    targets, labelled, mask = step_lib.batch_targets(batch, cfg)
     assert int(labelled.sum()) > 16  # duplicates label off-diagonal cells
     cfg.diagonal_only = True
-    t_diag, l_diag, _ = train.batch_targets(batch, cfg)
+    t_diag, l_diag, _ = step_lib.batch_targets(batch, cfg)
     assert int(l_diag.sum()) == 16 and np.allclose(np.diag(t_diag), batch["grades"])
     cfg.diagonal_only, cfg.binarize_threshold = False, 0.5
-    t_bin, _, _ = train.batch_targets(batch, cfg)
+    t_bin, _, _ = step_lib.batch_targets(batch, cfg)
     assert set(np.unique(np.asarray(t_bin))) <= {0.0, 1.0}
 
 

@@ -53,7 +53,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _load_tokenizer(name_or_path: str):
-    from bixse_jax.data.batching import Tokenizer
+    from bixse_jax.data.tokenizer import Tokenizer
     from bixse_jax.models.hf_io import resolve_model_dir
     return Tokenizer.from_model_dir(resolve_model_dir(name_or_path))
 

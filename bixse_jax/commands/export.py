@@ -39,16 +39,17 @@ def main(argv: list[str]) -> None:
         parser.error("--step needs --workdir")
     from absl import logging
     logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only checkpoint folder is read-only
-    from bixse_jax import export
+    from bixse_jax import checkpoint, export
     from bixse_jax.models.hf_io import ModelLoadError
+    from bixse_jax.models.sentence_model import load_encoder
     try:
         if args.workdir:
-            model = export.restore_checkpoint(args.workdir, args.step)
+            model = checkpoint.restore_model(args.workdir, args.step)
         else:
-            model = export.load_encoder(args.model)
+            model = load_encoder(args.model)
         out = export.export_model(model, args.out, args.fmt, overwrite=args.overwrite,
                                   max_shard_size=args.max_shard_size)
-    except (export.ExportError, ModelLoadError, FileNotFoundError, ValueError) as e:
+    except (export.ExportError, checkpoint.CheckpointError, ModelLoadError, FileNotFoundError, ValueError) as e:
         print(f"{argv[0]}: error: {e}", file=sys.stderr)
         sys.exit(1)
     print(json.dumps({"out": str(out), "format": args.fmt, "files": _listing(out), **model.source,

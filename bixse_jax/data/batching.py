@@ -1,4 +1,4 @@
-"""Tokenisation, length buckets and deterministic, stateless global batches.
+"""Length buckets and deterministic, stateless global batches.
 
 Every process holds the whole (tokenised) data set and computes global batch
 `step` from (seed, step) alone, then keeps its own contiguous slice. Hence:
@@ -9,83 +9,17 @@ Every process holds the whole (tokenised) data set and computes global batch
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
 from typing import Iterator, Sequence
 
 import numpy as np
-import tokenizers
 import tqdm
 
 from bixse_jax.data.sources import GradedPair
+from bixse_jax.data.tokenizer import Tokenizer
 
 _ENCODE_CHUNK = 2048
-_PAD_TOKENS = ("[PAD]", "<pad>")
-# vocab.txt gives a BertWordPieceTokenizer wrapper; it has the same methods we use.
-_AnyTokenizer = tokenizers.Tokenizer | tokenizers.implementations.BaseTokenizer
-
-
-class Tokenizer:
-    """A `tokenizers` tokenizer with padding off and explicit truncation."""
-
-    def __init__(self, tok: _AnyTokenizer, *, pad_id: int | None = None):
-        if pad_id is None:
-            pad_id = _find_pad_id(tok)
-        # Padding is ours (to length buckets); a tokenizer.json often fixes it to 128.
-        tok.no_padding()
-        tok.no_truncation()
-        self._tok = tok
-        self.pad_id: int = pad_id
-        self.vocab_size: int = tok.get_vocab_size(with_added_tokens=True)
-
-    @classmethod
-    def from_model_dir(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Loads tokenizer.json, else builds a WordPiece tokenizer from vocab.txt."""
-        path = pathlib.Path(path)
-        if (path / "tokenizer.json").is_file():
-            return cls(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")))
-        if (path / "vocab.txt").is_file():
-            lowercase = True
-            config = path / "tokenizer_config.json"
-            if config.is_file():
-                lowercase = bool(json.loads(config.read_text()).get("do_lower_case", True))
-            wordpiece = tokenizers.BertWordPieceTokenizer(
-                str(path / "vocab.txt"), lowercase=lowercase)
-            return cls(wordpiece)
-        raise FileNotFoundError(
-            f"{path}: no tokenizer found (expected tokenizer.json or vocab.txt)")
-
-    def encode(self, texts: Sequence[str], max_len: int) -> list[np.ndarray]:
-        """Token ids with special tokens, truncated to max_len (final [SEP] kept)."""
-        if max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
-        if not texts:
-            return []
-        self._tok.enable_truncation(max_length=max_len)
-        try:
-            encodings = self._tok.encode_batch(list(texts))
-        finally:
-            self._tok.no_truncation()
-        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
-
-    def check_vocab(self, model_vocab_size: int, source: str) -> None:
-        """Fails early when the tokenizer can emit ids the embedding table lacks."""
-        largest = max(self._tok.get_vocab(with_added_tokens=True).values())
-        if largest >= model_vocab_size:
-            raise ValueError(
-                f"{source}: tokenizer emits ids up to {largest} but the model's "
-                f"vocab_size is {model_vocab_size}; tokenizer and checkpoint do not match")
-
-
-def _find_pad_id(tok: _AnyTokenizer) -> int:
-    if tok.padding is not None:
-        return int(tok.padding["pad_id"])
-    for token in _PAD_TOKENS:
-        token_id = tok.token_to_id(token)
-        if token_id is not None:
-            return token_id
-    return 0
+# Padded lengths a batch may take (each capped at its side's max length): few shapes, few compilations.
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
 
 
 def pad_batch(seqs: Sequence[np.ndarray], length: int,
@@ -232,7 +166,7 @@ class PairBatcher(EpochOrder, StepBatches):
         global_batch_size: int,
         query_max_len: int,
         doc_max_len: int,
-        buckets: Sequence[int] = (16, 32, 64, 128, 256, 512),
+        buckets: Sequence[int] = DEFAULT_BUCKETS,
         seed: int = 0,
         query_prefix: str = "",
         process_index: int | None = None,

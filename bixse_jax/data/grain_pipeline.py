@@ -28,8 +28,9 @@ import grain
 import numpy as np
 
 from bixse_jax.data import tfds_builder
-from bixse_jax.data.batching import (EpochOrder, StepBatches, Tokenizer, bucket_length, check_processes,
+from bixse_jax.data.batching import (DEFAULT_BUCKETS, EpochOrder, StepBatches, bucket_length, check_processes,
                                      pad_batch)
+from bixse_jax.data.tokenizer import Tokenizer
 
 _NO_END = 2**62  # steps in the (endless) step dataset
 _LENGTH_CAP = 512
@@ -164,7 +165,7 @@ class GrainPairBatcher(StepBatches):
         global_batch_size: int,
         query_max_len: int,
         doc_max_len: int,
-        buckets: Sequence[int] = (16, 32, 64, 128, 256, 512),
+        buckets: Sequence[int] = DEFAULT_BUCKETS,
         seed: int = 0,
         query_prefix: str = "",
         split: str = "train",

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from bixse_jax.data import sources
-from bixse_jax.data.batching import Tokenizer
+from bixse_jax.data.tokenizer import Tokenizer
 
 BUILDER_NAME = "graded_pairs"
 VERSION = "1.0.0"

@@ -11,10 +11,10 @@ from jax.sharding import Mesh, PartitionSpec as P
 from tqdm import tqdm
 
 from bixse_jax import parallel
-from bixse_jax.data.batching import Tokenizer, bucket_length, pad_batch
+from bixse_jax.data.batching import DEFAULT_BUCKETS, bucket_length, pad_batch
+from bixse_jax.data.tokenizer import Tokenizer
 from bixse_jax.models.encoder import SentenceEncoder
 
-DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
 
 
 @functools.lru_cache(maxsize=32)

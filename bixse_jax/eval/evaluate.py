@@ -3,7 +3,7 @@
 A `TextEncoder` binds a model to how its texts are encoded (query prefix, lengths, batch size);
 training swaps in its current parameters with `with_params`. Models load from a HF /
 sentence-transformers folder, a bixse-jax export, or a training workdir (its latest checkpoint's
-encoder), through bixse_jax.export.
+encoder), through bixse_jax.models.sentence_model and bixse_jax.checkpoint.
 
 Re-ranking scores each query only against its own candidate pool: a run file's retrieved
 documents, or the judged documents of the query (`judged_pool`), which is how TREC-DL 2019 is
@@ -19,12 +19,14 @@ from typing import Sequence
 import numpy as np
 from jax.sharding import Mesh
 
-from bixse_jax.data.batching import Tokenizer
+from bixse_jax.data.tokenizer import Tokenizer
+from bixse_jax import checkpoint
 from bixse_jax.data.sources import GradedPair
 from bixse_jax.eval import metrics
 from bixse_jax.eval.encode import encode_texts
 from bixse_jax.eval.search import top_k_run, top_k_search
 from bixse_jax.models.encoder import SentenceEncoder
+from bixse_jax.models.sentence_model import load_encoder, max_length, position_limit
 
 Qrels = metrics.Qrels
 Run = metrics.Run
@@ -141,12 +143,6 @@ def _unit(x: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------
 
 
-def is_workdir(path: str | pathlib.Path) -> bool:
-    """A training run folder: `checkpoints/` next to the `config.json` the run wrote."""
-    path = pathlib.Path(path)
-    return (path / "checkpoints").is_dir() and (path / "config.json").is_file()
-
-
 def load_text_encoder(name_or_path: str | pathlib.Path, *, dtype: str = "float32",
                       matmul_dtype: str | None = None, dense_impl: str = "xla", batch_size: int = 128,
                       max_len: int | None = None, query_max_len: int | None = None,
@@ -154,15 +150,13 @@ def load_text_encoder(name_or_path: str | pathlib.Path, *, dtype: str = "float32
                       show_progress: bool = False) -> TextEncoder:
     """A model folder (HF, sentence-transformers or a bixse-jax export), a hub name, or a training workdir.
 
-    A workdir gives its newest checkpoint's encoder (or `step`'s), read by bixse_jax.export without
+    A workdir gives its newest checkpoint's encoder (or `step`'s), read by bixse_jax.checkpoint without
     the optimiser state. Defaults: the query prompt (a workdir's `model.query_prefix`) and lengths
     (a workdir's or export's training lengths, else the folder's max_seq_length, else the position
     limit). `max_len` sets both lengths, `query_max_len` the query length alone.
     """
-    from bixse_jax import export
-
-    if is_workdir(name_or_path):
-        model = export.restore_checkpoint(name_or_path, step)
+    if checkpoint.is_workdir(name_or_path):
+        model = checkpoint.restore_model(name_or_path, step)
         config = dataclasses.replace(model.config, dtype=dtype, matmul_dtype=matmul_dtype, dense_impl=dense_impl)
         model = dataclasses.replace(model, encoder=SentenceEncoder(config, model.encoder.pooling,
                                                                    model.encoder.normalize))
@@ -170,11 +164,11 @@ def load_text_encoder(name_or_path: str | pathlib.Path, *, dtype: str = "float32
     else:
         if step is not None:
             raise ValueError(f"{name_or_path}: a checkpoint step needs a training workdir")
-        model = export.load_encoder(name_or_path, dtype=dtype, matmul_dtype=matmul_dtype, dense_impl=dense_impl)
+        model = load_encoder(name_or_path, dtype=dtype, matmul_dtype=matmul_dtype, dense_impl=dense_impl)
         source = str(model.model_dir)
-    limit = export.position_limit(model)
-    query_len = query_max_len or max_len or export.max_length(model, query=True)
-    doc_len = max_len or export.max_length(model, query=False)
+    limit = position_limit(model)
+    query_len = query_max_len or max_len or max_length(model, query=True)
+    doc_len = max_len or max_length(model, query=False)
     for name, value in (("query max length", query_len), ("max length", doc_len)):
         if not 1 <= value <= limit:
             raise ValueError(f"{name} {value} is outside 1..{limit}, the model's position limit")

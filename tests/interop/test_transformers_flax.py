@@ -15,6 +15,7 @@ except Exception as e:  # not installed, or transformers >= 5 (Flax removed)
                 "run .ci/interop.sh", allow_module_level=True)
 
 import bixse_jax  # noqa: E402
+from bixse_jax import export  # noqa: E402
 from flax import serialization, traverse_util  # noqa: E402
 
 from _trained import QUERY_PREFIX, TEXTS, tiny_folder, train_tiny  # noqa: E402
@@ -45,7 +46,7 @@ def _assert_all_weights_loaded(model, folder):
     ours = bixse_jax.load_encoder(folder)
     theirs = traverse_util.flatten_dict(model.params)
     assert ("pooler", "dense", "kernel") in theirs
-    mine = traverse_util.flatten_dict({**ours.params, "pooler": bixse_jax.export._pooler(ours)[0]})
+    mine = traverse_util.flatten_dict({**ours.params, "pooler": export._pooler(ours)[0]})
     assert theirs.keys() == mine.keys()
     for k in mine:
         np.testing.assert_array_equal(np.asarray(theirs[k]), mine[k], err_msg="/".join(k))

@@ -1,0 +1,208 @@
+"""The train state, the optimiser, the objective and the jitted step over global arrays.
+
+One `jax.jit` step over the whole global batch: queries and documents are embedded where their
+shard of the batch lives, the [B, B] similarity matrix is formed over the *global* batch (XLA
+gathers the document embeddings over the `data` axis), the graded target matrix is built from the
+global pair ids, and the loss is the mean over all queries - so the result equals the one-device
+computation on the same batch, on any number of devices and hosts.
+
+Read top to bottom: `objective` (embeddings -> loss), `loss_fn` (tokens -> embeddings -> loss),
+`train_step` (gradient, guarded optimiser update). Gradient caching (grad_cache.py) swaps in its
+own `loss_fn` with the same signature and reuses `objective` and `train_step` as they are.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bixse_jax import parallel
+from bixse_jax.losses import LOSSES
+from bixse_jax.models.encoder import SentenceEncoder
+from bixse_jax.targets import graded_targets, loss_mask
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+LossFn = Callable[[dict, Batch, jax.Array], tuple[jax.Array, Metrics]]  # (params, batch, rng)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict  # {"encoder": HF-layout tree, "log_temperature": (), "bias": ()}
+    opt_state: optax.OptState
+    rng: jax.Array  # raw uint32 key; dropout for step s uses fold_in(rng, s)
+
+
+# --- the objective -------------------------------------------------------------------------------
+
+def batch_targets(batch: Batch, loss_cfg: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(targets, labelled, mask) for the global batch, with the ablations the paper compares."""
+    targets, labelled = graded_targets(batch["query_ids"], batch["doc_ids"], batch["grades"])
+    if loss_cfg.diagonal_only:  # ignore duplicate-id labels: only pair i labels (i, i)
+        eye = jnp.eye(targets.shape[0], dtype=bool)
+        targets, labelled = jnp.where(eye, batch["grades"][:, None], 0.0), eye
+    if loss_cfg.binarize_threshold is not None:
+        targets = (targets >= loss_cfg.binarize_threshold).astype(jnp.float32) * labelled
+    mask = loss_mask(batch["query_ids"], labelled, loss_cfg.mask_unlabelled_of_repeated_queries)
+    return targets, labelled, mask
+
+
+def objective(params: dict, q: jax.Array, d: jax.Array, batch: Batch, *, loss_cfg: ml_collections.ConfigDict,
+              mesh: Mesh | None) -> tuple[jax.Array, Metrics]:
+    """(params, [B, H] queries, [B, H] documents, batch) -> (loss, metrics) over the global batch.
+
+    Apart from the encoder so that gradient caching can differentiate it with respect to the
+    embeddings and t, b alone.
+    """
+    scores = q @ d.T  # [B, B]: every query against every document of the global batch
+    if mesh is not None:
+        scores = jax.lax.with_sharding_constraint(scores, NamedSharding(mesh, P(parallel.BATCH_AXES, None)))
+    t = params["log_temperature"] if loss_cfg.learn_temperature else jax.lax.stop_gradient(params["log_temperature"])
+    b = params["bias"] if loss_cfg.learn_bias else jax.lax.stop_gradient(params["bias"])
+    logits = jnp.exp(t) * scores + b
+    targets, labelled, mask = batch_targets(batch, loss_cfg)
+    extra = {"threshold": loss_cfg.infonce_threshold} if loss_cfg.name == "infonce" else {}
+    loss = LOSSES[loss_cfg.name](scores if loss_cfg.name == "margin_mse" else logits, targets, mask, **extra)
+    positive, negative = labelled & (targets > 0), mask & ~labelled
+    mean_where = lambda where: jnp.sum(jnp.where(where, logits, 0.0)) / jnp.maximum(where.sum(), 1)
+    return loss, {"loss": loss, "log_temperature": t, "bias": b,
+                  "positive_logit": mean_where(positive), "negative_logit": mean_where(negative)}
+
+
+def embed(encoder: SentenceEncoder, use_dropout: bool, encoder_params: dict, ids: jax.Array, mask: jax.Array,
+          rng: jax.Array) -> jax.Array:
+    """Token ids -> [n, H] embeddings; dropout only if the model has it."""
+    return encoder(encoder_params, ids, mask, dropout_rng=rng if use_dropout else None)
+
+
+def loss_fn(params: dict, batch: Batch, rng: jax.Array, *, encoder: SentenceEncoder, use_dropout: bool,
+            loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None) -> tuple[jax.Array, Metrics]:
+    """(params, batch, dropout rng) -> (loss, metrics): embed both sides, then the objective."""
+    q_rng, d_rng = jax.random.split(rng)
+    q = embed(encoder, use_dropout, params["encoder"], batch["query_input_ids"], batch["query_attention_mask"], q_rng)
+    d = embed(encoder, use_dropout, params["encoder"], batch["doc_input_ids"], batch["doc_attention_mask"], d_rng)
+    return objective(params, q, d, batch, loss_cfg=loss_cfg, mesh=mesh)
+
+
+# --- the step ------------------------------------------------------------------------------------
+
+def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation,
+               schedule: optax.Schedule) -> tuple[TrainState, Metrics]:
+    """One optimiser step; a non-finite loss or gradient leaves params and optimiser state as they were.
+
+    The guard runs inside the jitted step (a select, no host sync); the host reads the
+    `nonfinite` metric later and decides, by `train.on_nonfinite`, to log the skip or to stop.
+    """
+    rng = jax.random.fold_in(state.rng, state.step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+               "nonfinite": (~finite).astype(jnp.float32)}
+    return state.replace(step=state.step + 1, params=keep_if_bad(params, state.params),
+                         opt_state=keep_if_bad(opt_state, state.opt_state)), metrics
+
+
+def make_embed_fn(encoder: SentenceEncoder, use_dropout: bool) -> Callable[..., jax.Array]:
+    """`embed` bound to a model: (encoder params, ids, mask, rng) -> embeddings."""
+    return functools.partial(embed, encoder, use_dropout)
+
+
+def make_objective(loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None) -> Callable[..., tuple[jax.Array, Metrics]]:
+    """`objective` bound to a loss config: (params, q, d, batch) -> (loss, metrics)."""
+    if loss_cfg.name not in LOSSES:
+        raise ValueError(f"loss.name {loss_cfg.name!r} is not one of {sorted(LOSSES)}")
+    return functools.partial(objective, loss_cfg=loss_cfg, mesh=mesh)
+
+
+def make_loss_fn(encoder: SentenceEncoder, loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None,
+                 use_dropout: bool) -> LossFn:
+    make_objective(loss_cfg, mesh)  # validates loss.name
+    return functools.partial(loss_fn, encoder=encoder, use_dropout=use_dropout, loss_cfg=loss_cfg, mesh=mesh)
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    return functools.partial(train_step, loss_fn=loss_fn, tx=tx, schedule=schedule)
+
+
+def jit_train_step(step_fn: Callable, mesh: Mesh, state: TrainState) -> Callable:
+    """State keeps its layout in and out, batch split over the mesh, the old state's buffers donated."""
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    return jax.jit(step_fn, in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
+                   out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
+
+
+# --- optimiser and initial state -----------------------------------------------------------------
+
+def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up to the peak rate, then linear or cosine decay to `end_lr_fraction` of it."""
+    peak, warmup, total = cfg.learning_rate, cfg.warmup_steps, cfg.num_steps
+    end = peak * cfg.end_lr_fraction
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1), end)
+    if cfg.schedule == "linear":
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
+                                     optax.linear_schedule(peak, end, max(total - warmup, 1))], [warmup])
+    if cfg.schedule == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
+                                     optax.constant_schedule(peak)], [warmup])
+    raise ValueError(f"train.schedule {cfg.schedule!r} is not one of 'linear', 'cosine', 'constant'")
+
+
+def _decay_mask(params: Any) -> Any:
+    """Weight decay on matrices and embeddings only; never on biases, LayerNorm, t or b."""
+    def decays(path: tuple, _) -> bool:
+        names = [getattr(p, "key", None) for p in path]
+        return names[0] == "encoder" and names[-1] in ("kernel", "embedding")
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW after global-norm clipping; t and b get their own (larger) learning rate.
+
+    Fine-tuning rates (~2e-5) would leave b near its init of -10 for the whole of a short run, so
+    the two logit scalars step `logit_params_lr_multiplier` times faster, as a per-group rate.
+    """
+    schedule = make_schedule(cfg)
+    adamw = lambda lr: optax.adamw(lr, b1=cfg.get("adam_b1", 0.9), b2=cfg.get("adam_b2", 0.999),
+                                   eps=cfg.get("adam_eps", 1e-6), weight_decay=cfg.weight_decay, mask=_decay_mask)
+    multiplier = cfg.get("logit_params_lr_multiplier", 1.0)
+    labels = lambda params: {k: "encoder" if k == "encoder" else "logit" for k in params}
+    per_group = optax.multi_transform(
+        {"encoder": adamw(schedule), "logit": adamw(lambda step: multiplier * schedule(step))}, labels)
+    parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm else []
+    return optax.chain(*parts, per_group), schedule
+
+
+def init_state(encoder_params: dict, loss_cfg: ml_collections.ConfigDict,
+               tx: optax.GradientTransformation, seed: int) -> TrainState:
+    params = {"encoder": jax.tree.map(jnp.asarray, encoder_params),
+              "log_temperature": jnp.asarray(loss_cfg.init_log_temperature, jnp.float32),
+              "bias": jnp.asarray(loss_cfg.init_bias, jnp.float32)}
+    return TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.PRNGKey(seed))
+
+
+def init_sharded_state(encoder_params: dict, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                       mesh: Mesh) -> TrainState:
+    """The initial state laid out on the mesh: params by the logical axis rules, optimiser alike."""
+    state = init_state(encoder_params, config.loss, tx, config.seed)
+    rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
+    params = jax.device_put(state.params, parallel.param_shardings(state.params, mesh, rules))
+    replicate = lambda x: jax.device_put(x, parallel.replicated(mesh))
+    # Moments inherit the parameters' shardings; counters (made from constants) are replicated.
+    opt_state = jax.tree.map(lambda x: x if x.ndim and len(x.sharding.device_set) == mesh.size else replicate(x),
+                             jax.jit(tx.init)(params))
+    return TrainState(step=replicate(state.step), params=params, opt_state=opt_state, rng=replicate(state.rng))
