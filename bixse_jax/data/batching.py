@@ -19,6 +19,7 @@ import tokenizers
 import tqdm
 
 from bixse_jax.data.sources import GradedPair
+from bixse_jax.errors import ConfigError, UserError
 
 _ENCODE_CHUNK = 2048
 _PAD_TOKENS = ("[PAD]", "<pad>")
@@ -73,7 +74,7 @@ class Tokenizer:
         """Fails early when the tokenizer can emit ids the embedding table lacks."""
         largest = max(self._tok.get_vocab(with_added_tokens=True).values())
         if largest >= model_vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"{source}: tokenizer emits ids up to {largest} but the model's "
                 f"vocab_size is {model_vocab_size}; tokenizer and checkpoint do not match")
 
@@ -153,10 +154,10 @@ def check_processes(global_batch_size: int, seed: int, process_index: int | None
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} must be a positive "
+        raise ConfigError(f"global_batch_size {global_batch_size} must be a positive "
                          f"multiple of process_count {process_count}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise ConfigError(f"seed must be >= 0, got {seed}")
     return process_index, process_count
 
 
@@ -240,7 +241,7 @@ class PairBatcher(EpochOrder, StepBatches):
     ):
         process_index, process_count = check_processes(global_batch_size, seed, process_index, process_count)
         if len(pairs) < global_batch_size:
-            raise ValueError(f"{len(pairs)} pairs are fewer than one global batch "
+            raise UserError(f"{len(pairs)} pairs are fewer than one global batch "
                              f"({global_batch_size})")
         self.num_pairs = len(pairs)
         self.global_batch_size = global_batch_size
