@@ -29,7 +29,7 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 
-from bixse_jax.models import hf_io
+from bixse_jax.errors import UserError
 from bixse_jax.models.bert import param_shapes
 from bixse_jax.models.sentence_model import SentenceModel, load_encoder
 
@@ -41,7 +41,7 @@ RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.checkpoint_eve
                      "model.matmul_dtype")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A workdir or checkpoint that cannot be read: no config.json, no such step, another model."""
 
 
@@ -169,7 +169,7 @@ def restore_model(workdir: str | os.PathLike, step: int | None = None) -> Senten
     try:
         base = load_encoder(model_cfg["name_or_path"], pooling=model_cfg.get("pooling"),
                             normalize=model_cfg.get("normalize"), query_prompt=model_cfg.get("query_prefix") or "")
-    except (hf_io.ModelLoadError, FileNotFoundError, ValueError) as e:
+    except (UserError, FileNotFoundError) as e:
         raise CheckpointError(f"{root / 'config.json'}: the run's base model (model.name_or_path) cannot be "
                           f"loaded: {e}") from e
     if not (root / "checkpoints").exists():

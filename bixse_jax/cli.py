@@ -2,6 +2,9 @@
 
   bixse-jax train --config configs/demo.py --workdir DIR [--config.KEY=VALUE ...]
   bixse-jax COMMAND --help      flags of one command
+
+Bad input (a data line, config key or value, path or model) ends any command with one line,
+`bixse-jax COMMAND: error: ...`, and exit status 2; --verbose adds the traceback (bixse_jax/errors.py).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import pkgutil
 import sys
 
 import bixse_jax.commands
+from bixse_jax import errors
 
 
 def available_commands() -> list[str]:
@@ -24,8 +28,10 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__.strip(), file=sys.stderr)
         print(f"\ncommands: {', '.join(commands)}", file=sys.stderr)
         sys.exit(0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2)
-    module = importlib.import_module(f"bixse_jax.commands.{argv[1]}")
-    module.main([f"{argv[0]} {argv[1]}"] + argv[2:])
+    prog = f"bixse-jax {argv[1]}"  # also under `python -m bixse_jax.cli`
+    with errors.reported(prog, verbose=errors.verbose_requested(argv[2:])):
+        module = importlib.import_module(f"bixse_jax.commands.{argv[1]}")
+        module.main([prog] + argv[2:])
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from bixse_jax import checkpoint
+from bixse_jax.errors import UserError
 from bixse_jax.models import hf_io
 from bixse_jax.models.sentence_model import SIDECAR_NAME, SentenceModel, max_length
 
@@ -44,7 +45,7 @@ _ST_MODULE = "sentence_transformers.models."
 _POOLER_SEED = 0
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An export that cannot be made: no checkpoint, a bad target folder, an unknown format."""
 
 

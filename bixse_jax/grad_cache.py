@@ -35,6 +35,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from bixse_jax import parallel, step
+from bixse_jax.errors import ConfigError
 
 EmbedFn = Callable[[dict, jax.Array, jax.Array, jax.Array], jax.Array]
 EmbeddingLossFn = Callable[[dict, jax.Array, jax.Array, step.Batch], tuple[jax.Array, step.Metrics]]
@@ -60,13 +61,13 @@ def check_chunk(global_batch_size: int, chunk: int, mesh: Mesh | None) -> int:
     """
     devices = _num_shards(mesh)
     if chunk <= 0:
-        raise ValueError(f"train.grad_cache_chunk={chunk}: a gradient-caching sub-batch needs at "
+        raise ConfigError(f"train.grad_cache_chunk={chunk}: a gradient-caching sub-batch needs at "
                          "least one pair (0 turns caching off)")
     if global_batch_size % chunk:
-        raise ValueError(f"train.grad_cache_chunk={chunk} does not divide the global batch of "
+        raise ConfigError(f"train.grad_cache_chunk={chunk} does not divide the global batch of "
                          f"{global_batch_size} pairs (train.global_batch_size)")
     if chunk % devices:
-        raise ValueError(f"train.grad_cache_chunk={chunk} is not a multiple of the {devices} devices "
+        raise ConfigError(f"train.grad_cache_chunk={chunk} is not a multiple of the {devices} devices "
                          "that split the batch, so a sub-batch cannot be spread over all of them")
     return global_batch_size // chunk
 

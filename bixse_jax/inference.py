@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from bixse_jax.errors import UserError
 from bixse_jax.eval.encode import encode_texts
 from bixse_jax.models.sentence_model import SIDECAR_NAME, SentenceModel, max_length, position_limit
 
@@ -22,7 +23,7 @@ def encode(model: SentenceModel, texts: Sequence[str], *, query: bool = False, b
         raise TypeError("texts must be a sequence of strings, not one string")
     limit = position_limit(model)
     if max_len is not None and not 1 <= max_len <= limit:
-        raise ValueError(f"max_len {max_len} must be between 1 and the model's {limit} positions")
+        raise UserError(f"max_len {max_len} must be between 1 and the model's {limit} positions")
     return encode_texts(model.encoder, model.params, model.tokenizer, list(texts),
                         max_len=max_len or max_length(model, query=query), batch_size=batch_size,
                         prefix=model.settings.query_prompt if query else "", show_progress=show_progress)
@@ -41,10 +42,10 @@ def predict_relevance(model: SentenceModel, queries: Sequence[str], docs: Sequen
     t = model.log_temperature if log_temperature is None else log_temperature
     b = model.bias if bias is None else bias
     if t is None or b is None:
-        raise ValueError(f"{model.model_dir}: the model has no learned t and b (no {SIDECAR_NAME}); "
+        raise UserError(f"{model.model_dir}: the model has no learned t and b (no {SIDECAR_NAME}); "
                          "pass log_temperature= and bias=")
     if not matrix and len(queries) != len(docs):
-        raise ValueError(f"pairwise relevance needs as many documents as queries, got {len(queries)} "
+        raise UserError(f"pairwise relevance needs as many documents as queries, got {len(queries)} "
                          f"and {len(docs)}; pass matrix=True for every query against every document")
     q = encode(model, queries, query=True, batch_size=batch_size).astype(np.float64)
     d = encode(model, docs, batch_size=batch_size).astype(np.float64)

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from bixse_jax.errors import ConfigError
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over every device of the mesh
@@ -32,10 +34,10 @@ def make_mesh(data_parallelism: int = -1, fsdp: int = 1, devices: Sequence[jax.D
     """A (data, fsdp) mesh; data_parallelism -1 takes all devices left after fsdp."""
     devices = list(devices if devices is not None else jax.devices())
     if fsdp < 1 or len(devices) % fsdp:
-        raise ValueError(f"mesh.fsdp={fsdp} does not divide the {len(devices)} visible devices")
+        raise ConfigError(f"mesh.fsdp={fsdp} does not divide the {len(devices)} visible devices")
     data = len(devices) // fsdp if data_parallelism in (-1, None) else data_parallelism
     if not 1 <= data * fsdp <= len(devices):
-        raise ValueError(f"mesh data={data_parallelism} x fsdp={fsdp} needs more than the "
+        raise ConfigError(f"mesh data={data_parallelism} x fsdp={fsdp} needs more than the "
                          f"{len(devices)} visible devices")
     return Mesh(np.asarray(devices[:data * fsdp]).reshape(data, fsdp), BATCH_AXES)
 
@@ -83,7 +85,7 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
     """Pairs this process feeds per step; the global batch must split evenly over devices."""
     if global_batch_size % mesh.size:
-        raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
+        raise ConfigError(f"global batch size {global_batch_size} is not divisible by the "
                          f"{mesh.size} devices of the mesh")
     return global_batch_size // jax.process_count()
 

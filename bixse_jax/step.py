@@ -24,6 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bixse_jax import parallel
+from bixse_jax.errors import ConfigError
 from bixse_jax.losses import LOSSES
 from bixse_jax.models.encoder import SentenceEncoder
 from bixse_jax.targets import graded_targets, loss_mask
@@ -122,7 +123,7 @@ def make_embed_fn(encoder: SentenceEncoder, use_dropout: bool) -> Callable[..., 
 def make_objective(loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None) -> Callable[..., tuple[jax.Array, Metrics]]:
     """`objective` bound to a loss config: (params, q, d, batch) -> (loss, metrics)."""
     if loss_cfg.name not in LOSSES:
-        raise ValueError(f"loss.name {loss_cfg.name!r} is not one of {sorted(LOSSES)}")
+        raise ConfigError(f"loss.name {loss_cfg.name!r} is not one of {sorted(LOSSES)}")
     return functools.partial(objective, loss_cfg=loss_cfg, mesh=mesh)
 
 
@@ -158,7 +159,7 @@ def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
     if cfg.schedule == "constant":
         return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
                                      optax.constant_schedule(peak)], [warmup])
-    raise ValueError(f"train.schedule {cfg.schedule!r} is not one of 'linear', 'cosine', 'constant'")
+    raise ConfigError(f"train.schedule {cfg.schedule!r} is not one of 'linear', 'cosine', 'constant'")
 
 
 def _decay_mask(params: Any) -> Any:

@@ -22,6 +22,7 @@ from etils import epath
 from tqdm import tqdm
 
 from bixse_jax import checkpoint, experiment, grad_cache, parallel, step as step_lib
+from bixse_jax.errors import ConfigError
 from bixse_jax.metric_writers import MetricsWriter
 from bixse_jax.preemption import PreemptionGuard
 
@@ -35,7 +36,7 @@ class _PendingSteps:
 
     def __init__(self, policy: str, describe_pairs: Callable[[int], str]):
         if policy not in ("skip", "stop"):
-            raise ValueError(f"train.on_nonfinite {policy!r} is not 'skip' or 'stop'")
+            raise ConfigError(f"train.on_nonfinite {policy!r} is not 'skip' or 'stop'")
         self.policy, self.describe_pairs = policy, describe_pairs
         self.items: list[tuple[int, step_lib.Metrics]] = []
         self.pairs, self.tick = 0, time.perf_counter()
@@ -108,7 +109,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     else:
         state, data_state, step = restored
         if data_state.get("next_batch") != step:
-            raise ValueError(f"{workdir}: checkpoint {step} records data position {data_state}, not {step}")
+            raise checkpoint.CheckpointError(f"{workdir}: checkpoint {step} records data position {data_state}, not {step}")
         summary["resumed_from_step"] = step
         logging.warning("resumed from checkpoint step %d in %s", step, workdir)
         print(f"[bixse-jax] resumed from checkpoint step {step}", file=sys.stderr, flush=True)

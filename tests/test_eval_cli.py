@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from bixse_jax import cli
 from bixse_jax.commands import encode as encode_cmd
 from bixse_jax.commands import eval as eval_cmd
 from bixse_jax.commands import mine as mine_cmd
@@ -56,10 +57,14 @@ def _run_cli(module, args: list[str], capsys) -> dict:
 
 
 def _cli_error(module, args: list[str], capsys) -> str:
+    """A user error through `bixse-jax COMMAND`: one stderr line, exit status 2."""
+    command = module.__name__.rsplit(".", 1)[1]
     with pytest.raises(SystemExit) as e:
-        module.main(["bixse-jax x", *args])
-    assert e.value.code == 1
-    return capsys.readouterr().err
+        cli.main(["bixse-jax", command, *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bixse-jax {command}: error: ") and err.count("\n") == 1, err
+    return err
 
 
 # ----------------------------------------------------------------------------
@@ -168,10 +173,14 @@ def test_eval_errors(tiny_model_dir, beir_dir, tmp_path, capsys):
     err = _cli_error(eval_cmd, base + ["--rerank", str(tmp_path / "bad.trec")], capsys)
     assert 'bad.trec:2: field "score": must be a number' in err
     assert "--k values must be >= 1" in _cli_error(eval_cmd, base + ["--k", "10,0"], capsys)
-    assert "outside 1..128" in _cli_error(eval_cmd, base + ["--max-len", "1000", "--skip-missing-docs"], capsys)
     with pytest.raises(SystemExit) as e:
         eval_cmd.main(["bixse-jax eval", "--model", str(tiny_model_dir), "--sts", "x.csv", "--rerank", "qrels"])
     assert e.value.code == 2
+
+
+def test_eval_max_len_beyond_the_model_is_a_user_error(tiny_model_dir, beir_dir, capsys):
+    base = ["--model", str(tiny_model_dir), "--beir", str(beir_dir)]
+    assert "outside 1..128" in _cli_error(eval_cmd, base + ["--max-len", "1000", "--skip-missing-docs"], capsys)
 
 
 def test_eval_sts(tiny_model_dir, tiny_enc, tmp_path, capsys):

@@ -15,8 +15,7 @@ from flax import serialization, traverse_util
 from safetensors.numpy import load_file
 
 import bixse_jax
-from bixse_jax import checkpoint, export
-from bixse_jax.commands import export as export_command
+from bixse_jax import checkpoint, cli, export
 from bixse_jax.eval.encode import encode_texts
 from bixse_jax.models import hf_io
 
@@ -141,7 +140,7 @@ def _base_dir(workdir: pathlib.Path) -> pathlib.Path:
 
 
 def _cli(*args: str) -> None:
-    export_command.main(["bixse-jax export", *args])
+    cli.main(["bixse-jax", "export", *args])
 
 
 def test_cli_refuses_bad_targets_and_inputs(trained, minilm_path, tmp_path, capsys):
@@ -151,7 +150,7 @@ def test_cli_refuses_bad_targets_and_inputs(trained, minilm_path, tmp_path, caps
     (out / "keep.txt").write_text("precious")
     with pytest.raises(SystemExit) as exit_info:
         _cli("--workdir", str(workdir), "--format", "hf-flax", "--out", str(out))
-    assert exit_info.value.code == 1 and "not empty" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "not empty" in capsys.readouterr().err
     assert _files(out) == {"keep.txt"}
     _cli("--workdir", str(workdir), "--format", "hf-flax", "--out", str(out), "--overwrite")
     assert json.loads(capsys.readouterr().out)["step"] == 3
@@ -159,18 +158,18 @@ def test_cli_refuses_bad_targets_and_inputs(trained, minilm_path, tmp_path, caps
 
     cases = [
         (["--workdir", str(workdir), "--format", "onnx", "--out", str(tmp_path / "a")], 2, "invalid choice: 'onnx'"),
-        (["--workdir", str(workdir), "--step", "99", "--format", "hf-flax", "--out", str(tmp_path / "a")], 1,
+        (["--workdir", str(workdir), "--step", "99", "--format", "hf-flax", "--out", str(tmp_path / "a")], 2,
          r"no checkpoint of step 99; there are steps \[3\]"),
-        (["--workdir", str(tmp_path / "nowhere"), "--format", "hf-flax", "--out", str(tmp_path / "a")], 1,
+        (["--workdir", str(tmp_path / "nowhere"), "--format", "hf-flax", "--out", str(tmp_path / "a")], 2,
          "is .* a bixse-jax training workdir"),
-        (["--workdir", str(workdir), "--format", "hf-flax", "--out", str(workdir)], 1, "not empty"),
-        (["--workdir", str(workdir), "--format", "hf-flax", "--out", str(workdir), "--overwrite"], 1,
+        (["--workdir", str(workdir), "--format", "hf-flax", "--out", str(workdir)], 2, "not empty"),
+        (["--workdir", str(workdir), "--format", "hf-flax", "--out", str(workdir), "--overwrite"], 2,
          "which the export reads from"),
     ]
     no_checkpoint = tmp_path / "fresh"
     no_checkpoint.mkdir()
     (no_checkpoint / "config.json").write_text((workdir / "config.json").read_text())
-    cases.append((["--workdir", str(no_checkpoint), "--format", "hf-flax", "--out", str(tmp_path / "a")], 1,
+    cases.append((["--workdir", str(no_checkpoint), "--format", "hf-flax", "--out", str(tmp_path / "a")], 2,
                   "no checkpoint to export"))
     other_base = tmp_path / "other_base"  # the run's checkpoints, but config.json names MiniLM
     other_base.mkdir()
@@ -178,13 +177,13 @@ def test_cli_refuses_bad_targets_and_inputs(trained, minilm_path, tmp_path, caps
     run_config = json.loads((workdir / "config.json").read_text())
     run_config["model"]["name_or_path"] = str(minilm_path)
     (other_base / "config.json").write_text(json.dumps(run_config))
-    cases.append((["--workdir", str(other_base), "--format", "hf-flax", "--out", str(tmp_path / "a")], 1,
+    cases.append((["--workdir", str(other_base), "--format", "hf-flax", "--out", str(tmp_path / "a")], 2,
                   r"encoder does not match the base model .*embeddings/word_embeddings/embedding: "
                   r"checkpoint \(30522, 32\), model \(30522, 384\)"))
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "hidden_size": 32, "num_attention_heads": 4}))
-    cases.append((["--model", str(gpt2), "--format", "hf-flax", "--out", str(tmp_path / "a")], 1, "not supported"))
+    cases.append((["--model", str(gpt2), "--format", "hf-flax", "--out", str(tmp_path / "a")], 2, "not supported"))
     for argv, code, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             _cli(*argv)

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+from bixse_jax import cli
 from bixse_jax.commands import data as data_command
 from bixse_jax.data import grain_pipeline, sources, tfds_builder
 from bixse_jax.data.batching import PairBatcher, bucket_length
@@ -130,9 +131,8 @@ def test_cli_build_and_lengths(tmp_path, capsys, tokenizer, built):
     assert tfds_builder.find_length_table(folder, stem, 40) is not None
     assert tfds_builder.find_length_table(folder, stem, 41) is None  # cap 40 serves max_len <= 40
     with pytest.raises(SystemExit) as exit_info:
-        data_command.main(["bixse-jax data", "build", "--kind", "sts", "--source",
-                           str(source), "--out", str(tmp_path)])
-    assert exit_info.value.code == 1
+        cli.main(["bixse-jax", "data", "build", "--kind", "sts", "--source", str(source), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"{source}:1: " in err and "tab-separated fields" in err
 

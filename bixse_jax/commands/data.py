@@ -19,7 +19,8 @@ import contextlib
 import sys
 import time
 
-from bixse_jax.commands.eval import run_guarded
+from bixse_jax import errors
+from bixse_jax.errors import UserError
 
 
 def _add_tokenizer_flags(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -45,10 +46,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     build.add_argument("--skip-missing-docs", action="store_true",
                        help="beir: drop judgments of documents without text")
     _add_tokenizer_flags(build, required=False)
+    errors.add_verbose_flag(build)
     lengths = sub.add_parser("lengths", help="store a token-length table for a tokenizer")
     lengths.add_argument("--data", required=True, help="DATA_DIR/graded_pairs/NAME/1.0.0")
     lengths.add_argument("--split", default="train")
     _add_tokenizer_flags(lengths, required=True)
+    errors.add_verbose_flag(lengths)
     return parser
 
 
@@ -62,30 +65,27 @@ def main(argv: list[str]) -> None:
     prog = argv[0] if argv else "bixse-jax data"
     args = _parser(prog).parse_args(argv[1:])
 
-    def body() -> None:
-        from absl import logging
-        logging.set_verbosity(logging.WARNING)  # TFDS logs every file at INFO.
-        from bixse_jax.data import tfds_builder
-        from bixse_jax.data.grain_pipeline import resolve_dataset_dir
-        if args.length_cap < 2:
-            raise ValueError(f"--length-cap must be >= 2, got {args.length_cap}")
-        tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
-        start = time.perf_counter()
-        if args.action == "build":
-            with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the folder
-                folder = tfds_builder.build(
-                    args.kind, args.source, args.out, name=args.name, split=args.split,
-                    max_grade=args.max_grade, keep_zero=not args.drop_zero_grades,
-                    skip_missing_docs=args.skip_missing_docs)
-        else:
-            folder = resolve_dataset_dir(args.data)
-        if tokenizer is not None:
-            table = tfds_builder.write_length_table(folder, tokenizer, split=args.split,
-                                                    query_prefix=args.query_prefix,
-                                                    cap=args.length_cap)
-            print(f"{prog}: token lengths in {table.name}", file=sys.stderr)
-        num = len(tfds_builder.open_split(folder, args.split))
-        print(f"{prog}: {num} pairs, {time.perf_counter() - start:.1f} s", file=sys.stderr)
-        print(folder)
-
-    run_guarded(prog, body)
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)  # TFDS logs every file at INFO.
+    from bixse_jax.data import tfds_builder
+    from bixse_jax.data.grain_pipeline import resolve_dataset_dir
+    if args.length_cap < 2:
+        raise UserError(f"--length-cap must be >= 2, got {args.length_cap}")
+    tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
+    start = time.perf_counter()
+    if args.action == "build":
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the folder
+            folder = tfds_builder.build(
+                args.kind, args.source, args.out, name=args.name, split=args.split,
+                max_grade=args.max_grade, keep_zero=not args.drop_zero_grades,
+                skip_missing_docs=args.skip_missing_docs)
+    else:
+        folder = resolve_dataset_dir(args.data)
+    if tokenizer is not None:
+        table = tfds_builder.write_length_table(folder, tokenizer, split=args.split,
+                                                query_prefix=args.query_prefix,
+                                                cap=args.length_cap)
+        print(f"{prog}: token lengths in {table.name}", file=sys.stderr)
+    num = len(tfds_builder.open_split(folder, args.split))
+    print(f"{prog}: {num} pairs, {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(folder)

@@ -13,7 +13,7 @@ import pathlib
 
 import numpy as np
 
-from bixse_jax.commands.eval import add_model_flags, load_encoder, run_guarded
+from bixse_jax.commands.eval import add_model_flags, load_encoder
 from bixse_jax.data.sources import DataError, parse_json_object, read_lines
 
 
@@ -53,16 +53,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", required=True, help="output .npy file, float32 [N, H]")
     parser.add_argument("--query", action="store_true", help="encode as queries (query prompt, query length)")
     args = parser.parse_args(argv[1:])
-
-    def body() -> None:
-        texts = read_texts(args.input)  # before the model loads: bad input fails fast
-        enc = load_encoder(args)
-        emb = enc.queries(texts) if args.query else enc.documents(texts)
-        out = pathlib.Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("wb") as f:  # exactly this path (np.save on a name would append .npy)
-            np.save(f, emb.astype(np.float32))
-        print(json.dumps({"out": str(out), "shape": list(emb.shape), "query": args.query,
-                          "max_len": enc.query_max_len if args.query else enc.doc_max_len}))
-
-    run_guarded(argv[0], body)
+    texts = read_texts(args.input)  # before the model loads: bad input fails fast
+    enc = load_encoder(args)
+    emb = enc.queries(texts) if args.query else enc.documents(texts)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("wb") as f:  # exactly this path (np.save on a name would append .npy)
+        np.save(f, emb.astype(np.float32))
+    print(json.dumps({"out": str(out), "shape": list(emb.shape), "query": args.query,
+                      "max_len": enc.query_max_len if args.query else enc.doc_max_len}))

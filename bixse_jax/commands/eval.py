@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 import time
-from typing import Callable
 
-# Errors that are the user's input, reported as one line without a traceback.
-_USER_ERRORS = (ValueError, FileNotFoundError)
+from bixse_jax import errors
+from bixse_jax.errors import UserError
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +39,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="float32 dense matmuls on a CPU: mkl (Intel MKL, pip install 'bixse-jax[mkl]'; "
                              "1.4x faster: docs/benchmarks.md) or xla; auto: mkl where it is available")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: newest)")
+    errors.add_verbose_flag(parser)
 
 
 def dense_impl(choice: str, dtype: str, matmul_dtype: str | None) -> str:
@@ -51,10 +50,10 @@ def dense_impl(choice: str, dtype: str, matmul_dtype: str | None) -> str:
         return "mkl" if float32 and cpu_blas.available() else "xla"
     if choice == "mkl":
         if not float32:
-            raise ValueError(f"--dense-impl mkl multiplies in float32; got --dtype {dtype} --matmul-dtype {matmul_dtype}")
+            raise UserError(f"--dense-impl mkl multiplies in float32; got --dtype {dtype} --matmul-dtype {matmul_dtype}")
         reason = cpu_blas.unavailable_reason()
         if reason:
-            raise ValueError(f"--dense-impl mkl: {reason}")
+            raise UserError(f"--dense-impl mkl: {reason}")
     return choice
 
 
@@ -64,29 +63,20 @@ def load_encoder(args: argparse.Namespace):
     dense = dense_impl(args.dense_impl, args.dtype, args.matmul_dtype)
     parallel.one_cpu_device_per_core()  # on a CPU: every core encodes (JAX_NUM_CPU_DEVICES=1 to opt out)
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     return load_text_encoder(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype, dense_impl=dense,
                              batch_size=args.batch_size, max_len=args.max_len,
                              query_max_len=args.query_max_len, query_prefix=args.query_prefix,
                              step=args.step, show_progress=True)
 
 
-def run_guarded(prog: str, body: Callable[[], None]) -> None:
-    """Runs a command; bad input ends it with `prog: error: message` and exit status 1."""
-    try:
-        body()
-    except _USER_ERRORS as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 def parse_ks(text: str) -> tuple[int, ...]:
     try:
         ks = tuple(int(k) for k in text.split(","))
     except ValueError:
-        raise ValueError(f"--k must be comma-separated integers, got {text!r}") from None
+        raise UserError(f"--k must be comma-separated integers, got {text!r}") from None
     if not ks or min(ks) < 1:
-        raise ValueError(f"--k values must be >= 1, got {text!r}")
+        raise UserError(f"--k values must be >= 1, got {text!r}")
     return ks
 
 
@@ -126,7 +116,10 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv[1:])
     if args.sts and (args.rerank or args.run_out or args.top_k or args.rerank_depth):
         parser.error("--rerank, --rerank-depth, --top-k and --run-out need --beir")
-    run_guarded(argv[0], lambda: _evaluate(args))
+    for name in ("top_k", "rerank_depth"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    _evaluate(args)
 
 
 def _evaluate(args: argparse.Namespace) -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
+
+from bixse_jax import errors
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -29,6 +30,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the export is complete")
     parser.add_argument("--max-shard-size", default="10GB",
                         help="hf-flax: largest msgpack file before sharding, e.g. 500MB, 2GiB (default: 10GB)")
+    errors.add_verbose_flag(parser)
     return parser
 
 
@@ -40,18 +42,9 @@ def main(argv: list[str]) -> None:
     from absl import logging
     logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only checkpoint folder is read-only
     from bixse_jax import checkpoint, export
-    from bixse_jax.models.hf_io import ModelLoadError
     from bixse_jax.models.sentence_model import load_encoder
-    try:
-        if args.workdir:
-            model = checkpoint.restore_model(args.workdir, args.step)
-        else:
-            model = load_encoder(args.model)
-        out = export.export_model(model, args.out, args.fmt, overwrite=args.overwrite,
-                                  max_shard_size=args.max_shard_size)
-    except (export.ExportError, checkpoint.CheckpointError, ModelLoadError, FileNotFoundError, ValueError) as e:
-        print(f"{argv[0]}: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    model = checkpoint.restore_model(args.workdir, args.step) if args.workdir else load_encoder(args.model)
+    out = export.export_model(model, args.out, args.fmt, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     print(json.dumps({"out": str(out), "format": args.fmt, "files": _listing(out), **model.source,
                       "log_temperature": model.log_temperature, "bias": model.bias}, indent=2))
 

@@ -16,7 +16,7 @@ import argparse
 import json
 import pathlib
 
-from bixse_jax.commands.eval import add_model_flags, load_encoder, run_guarded
+from bixse_jax.commands.eval import add_model_flags, load_encoder
 
 
 def main(argv: list[str]) -> None:
@@ -32,24 +32,21 @@ def main(argv: list[str]) -> None:
     if args.k < 1:
         parser.error(f"--k must be >= 1, got {args.k}")
 
-    def body() -> None:
-        from bixse_jax.data import sources
-        from bixse_jax.eval import evaluate, run_files
+    from bixse_jax.data import sources
+    from bixse_jax.eval import evaluate, run_files
 
-        queries, corpus, qrels = sources.read_beir_eval(args.beir, args.split, skip_missing_docs=args.skip_missing_docs)
-        enc = load_encoder(args)
-        run = evaluate.retrieve(enc, queries, corpus, args.k)
-        out = pathlib.Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        lines = 0
-        with out.open("w", encoding="utf-8") as f:
-            for qid, scores in run.items():
-                for rank, (did, score) in enumerate(run_files.ranked(scores), start=1):
-                    f.write(json.dumps({"query_id": qid, "doc_id": did, "query": queries[qid],
-                                        "document": corpus[did], "rank": rank, "retrieval_score": score,
-                                        "qrels_grade": qrels[qid].get(did)}, ensure_ascii=False) + "\n")
-                    lines += 1
-        print(json.dumps({"out": str(out), "queries": len(run), "lines": lines, "k": args.k,
-                          "model_source": enc.source}))
-
-    run_guarded(argv[0], body)
+    queries, corpus, qrels = sources.read_beir_eval(args.beir, args.split, skip_missing_docs=args.skip_missing_docs)
+    enc = load_encoder(args)
+    run = evaluate.retrieve(enc, queries, corpus, args.k)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = 0
+    with out.open("w", encoding="utf-8") as f:
+        for qid, scores in run.items():
+            for rank, (did, score) in enumerate(run_files.ranked(scores), start=1):
+                f.write(json.dumps({"query_id": qid, "doc_id": did, "query": queries[qid],
+                                    "document": corpus[did], "rank": rank, "retrieval_score": score,
+                                    "qrels_grade": qrels[qid].get(did)}, ensure_ascii=False) + "\n")
+                lines += 1
+    print(json.dumps({"out": str(out), "queries": len(run), "lines": lines, "k": args.k,
+                      "model_source": enc.source}))

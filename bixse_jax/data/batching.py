@@ -16,6 +16,7 @@ import tqdm
 
 from bixse_jax.data.sources import GradedPair
 from bixse_jax.data.tokenizer import Tokenizer
+from bixse_jax.errors import ConfigError, UserError
 
 _ENCODE_CHUNK = 2048
 # Padded lengths a batch may take (each capped at its side's max length): few shapes, few compilations.
@@ -87,10 +88,10 @@ def check_processes(global_batch_size: int, seed: int, process_index: int | None
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} must be a positive "
+        raise ConfigError(f"global_batch_size {global_batch_size} must be a positive "
                          f"multiple of process_count {process_count}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise ConfigError(f"seed must be >= 0, got {seed}")
     return process_index, process_count
 
 
@@ -174,7 +175,7 @@ class PairBatcher(EpochOrder, StepBatches):
     ):
         process_index, process_count = check_processes(global_batch_size, seed, process_index, process_count)
         if len(pairs) < global_batch_size:
-            raise ValueError(f"{len(pairs)} pairs are fewer than one global batch "
+            raise UserError(f"{len(pairs)} pairs are fewer than one global batch "
                              f"({global_batch_size})")
         self.num_pairs = len(pairs)
         self.global_batch_size = global_batch_size

@@ -13,6 +13,7 @@ import pathlib
 import numpy as np
 
 from bixse_jax.data.sources import DataError, PathLike, _qrels_path, read_lines
+from bixse_jax.errors import ConfigError
 
 
 def assign_folds(query_ids: set[str] | list[str], folds: int, seed: int = 0) -> dict[str, int]:
@@ -22,9 +23,9 @@ def assign_folds(query_ids: set[str] | list[str], folds: int, seed: int = 0) -> 
     """
     ids = sorted(set(query_ids))
     if folds < 2:
-        raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
+        raise ConfigError(f"cross-validation needs at least 2 folds, got {folds}")
     if len(ids) < folds:
-        raise ValueError(f"{len(ids)} queries cannot fill {folds} folds")
+        raise ConfigError(f"{len(ids)} queries cannot fill {folds} folds")
     order = np.random.default_rng(seed).permutation(len(ids))
     return {ids[i]: rank % folds for rank, i in enumerate(order)}
 
@@ -46,6 +47,6 @@ def qrels_query_ids(folder: PathLike, split: str) -> set[str]:
 def held_out_queries(folder: PathLike, split: str, folds: int, fold: int, seed: int = 0) -> set[str]:
     """The query ids of `fold` (the evaluation side); the other folds' queries are for training."""
     if not 0 <= fold < folds:
-        raise ValueError(f"fold must be in [0, {folds}), got {fold}")
+        raise ConfigError(f"fold must be in [0, {folds}), got {fold}")
     assignment = assign_folds(qrels_query_ids(folder, split), folds, seed)
     return {q for q, f in assignment.items() if f == fold}

@@ -31,6 +31,7 @@ from bixse_jax.data import tfds_builder
 from bixse_jax.data.batching import (DEFAULT_BUCKETS, EpochOrder, StepBatches, bucket_length, check_processes,
                                      pad_batch)
 from bixse_jax.data.tokenizer import Tokenizer
+from bixse_jax.errors import ConfigError, UserError
 
 _NO_END = 2**62  # steps in the (endless) step dataset
 _LENGTH_CAP = 512
@@ -62,7 +63,7 @@ def length_table(dataset_dir: pathlib.Path, source, tokenizer: Tokenizer, *, spl
     if found is not None:
         table = np.load(found, mmap_mode="r")
         if table.shape != (2, len(source)):
-            raise ValueError(f"{found}: shape {table.shape}, expected (2, {len(source)}); "
+            raise UserError(f"{found}: shape {table.shape}, expected (2, {len(source)}); "
                              "delete it and rerun `bixse-jax data lengths`")
         return table
     logging.warning("%s: no token-length table for this tokenizer and query prefix; "
@@ -136,7 +137,7 @@ class _LocalBatchLoader(EpochOrder):
             q_ids, q_mask = pad_batch(self.tokenizer.encode(queries, self.query_max_len), q_len, pad_id)
             d_ids, d_mask = pad_batch(self.tokenizer.encode(docs, self.doc_max_len), d_len, pad_id)
         except ValueError as e:  # The table does not describe these records.
-            raise ValueError(f"step {step}: {e}; the token-length table is stale for this "
+            raise UserError(f"step {step}: {e}; the token-length table is stale for this "
                              "data set; delete token_lengths-* and rerun `bixse-jax data lengths`") from e
         return {
             "query_input_ids": q_ids,
@@ -176,13 +177,13 @@ class GrainPairBatcher(StepBatches):
     ):
         process_index, process_count = check_processes(global_batch_size, seed, process_index, process_count)
         if worker_count < 0 or worker_buffer_size < 1:
-            raise ValueError(f"worker_count must be >= 0 and worker_buffer_size >= 1, got "
+            raise ConfigError(f"worker_count must be >= 0 and worker_buffer_size >= 1, got "
                              f"{worker_count} and {worker_buffer_size}")
         self.dataset_dir = resolve_dataset_dir(dataset_dir)
         source = tfds_builder.open_split(self.dataset_dir, split)
         self.num_pairs = len(source)
         if self.num_pairs < global_batch_size:
-            raise ValueError(f"{self.dataset_dir}: {self.num_pairs} pairs are fewer than one "
+            raise UserError(f"{self.dataset_dir}: {self.num_pairs} pairs are fewer than one "
                              f"global batch ({global_batch_size})")
         lengths = length_table(self.dataset_dir, source, tokenizer, split=split,
                                query_prefix=query_prefix,

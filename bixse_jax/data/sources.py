@@ -21,6 +21,8 @@ import os
 import pathlib
 from typing import Any, Callable, Iterator, Mapping
 
+from bixse_jax.errors import ConfigError, UserError
+
 PathLike = str | os.PathLike
 
 
@@ -35,7 +37,7 @@ class GradedPair:
     instruction: str = ""
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input; str() reads 'file:17: field "score": must be in [0, 1], got 1.3'."""
 
     def __init__(self, path: PathLike, line: int | None, field: str | None,
@@ -281,11 +283,11 @@ def read_beir(
     (TREC-DL ships judged passages without text).
     """
     if max_grade is not None and not max_grade > 0:
-        raise ValueError(f"max_grade must be > 0, got {max_grade}")
+        raise ConfigError(f"max_grade must be > 0, got {max_grade}")
     if grade_map is not None:
         for grade, prob in grade_map.items():
             if not (math.isfinite(prob) and 0.0 <= prob <= 1.0):
-                raise ValueError(f"grade_map[{grade}] must be in [0, 1], got {prob}")
+                raise ConfigError(f"grade_map[{grade}] must be in [0, 1], got {prob}")
     path, queries, corpus, rows, file_top = _load_beir(folder, split, skip_missing_docs)
     top = file_top if max_grade is None else max_grade
     pairs = []
@@ -373,5 +375,5 @@ _READERS: dict[str, Callable[..., list[GradedPair]]] = {
 def load_pairs(kind: str, path: str, **kw: Any) -> list[GradedPair]:
     """Reads training pairs of a named kind; keyword arguments go to the reader."""
     if kind not in _READERS:
-        raise ValueError(f"unknown data kind {kind!r}; known kinds: {sorted(_READERS)}")
+        raise ConfigError(f"unknown data kind {kind!r}; known kinds: {sorted(_READERS)}")
     return _READERS[kind](path, **kw)

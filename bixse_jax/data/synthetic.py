@@ -22,6 +22,7 @@ import itertools
 import random
 
 from bixse_jax.data.sources import GradedPair
+from bixse_jax.errors import ConfigError
 
 MAX_GRADE = 3
 _NUM_CONSTRAINTS = 3
@@ -265,7 +266,7 @@ def make_demo_data(
         if len(eval_queries) == num_eval_queries:
             break
         if attempt > 1000 * num_eval_queries:
-            raise ValueError(f"could not find {num_eval_queries} eval queries whose "
+            raise ConfigError(f"could not find {num_eval_queries} eval queries whose "
                              "attribute combinations are unseen in training")
         constraints = _sample_constraints(rng, rng.choice(eval_entities))
         if constraints in seen:

@@ -29,6 +29,7 @@ import tensorflow_datasets as tfds
 
 from bixse_jax.data import sources
 from bixse_jax.data.tokenizer import Tokenizer
+from bixse_jax.errors import UserError
 
 BUILDER_NAME = "graded_pairs"
 VERSION = "1.0.0"
@@ -83,7 +84,7 @@ class GradedPairs(tfds.core.GeneratorBasedBuilder):
     def _source_path(self, dl_manager) -> pathlib.Path:
         cfg: GradedPairsConfig = self.builder_config
         if not cfg.source:
-            raise ValueError("GradedPairsConfig.source is empty: name the file or folder to read")
+            raise UserError("GradedPairsConfig.source is empty: name the file or folder to read")
         source = pathlib.Path(cfg.source)
         return source if source.is_absolute() else pathlib.Path(dl_manager.manual_dir) / source
 
@@ -156,10 +157,10 @@ def open_split(dataset_dir: str | os.PathLike, split: str = "train"):
             f"DATA_DIR/{BUILDER_NAME}/NAME/{VERSION} from `bixse-jax data build`")
     builder = tfds.builder_from_directory(os.fspath(dataset_dir))
     if builder.info.file_format is None or builder.info.file_format.value != "array_record":
-        raise ValueError(f"{dataset_dir}: stored as {builder.info.file_format}, not array_record")
+        raise UserError(f"{dataset_dir}: stored as {builder.info.file_format}, not array_record")
     splits = builder.info.splits
     if split not in splits:
-        raise ValueError(f"{dataset_dir}: no split {split!r}; available: {sorted(splits)}")
+        raise UserError(f"{dataset_dir}: no split {split!r}; available: {sorted(splits)}")
     return builder.as_data_source(split=split)
 
 

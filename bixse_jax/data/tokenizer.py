@@ -10,6 +10,8 @@ from typing import Sequence
 import numpy as np
 import tokenizers
 
+from bixse_jax.errors import UserError
+
 _PAD_TOKENS = ("[PAD]", "<pad>")
 # vocab.txt gives a BertWordPieceTokenizer wrapper; it has the same methods we use.
 _AnyTokenizer = tokenizers.Tokenizer | tokenizers.implementations.BaseTokenizer
@@ -62,7 +64,7 @@ class Tokenizer:
         """Fails early when the tokenizer can emit ids the embedding table lacks."""
         largest = max(self._tok.get_vocab(with_added_tokens=True).values())
         if largest >= model_vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"{source}: tokenizer emits ids up to {largest} but the model's "
                 f"vocab_size is {model_vocab_size}; tokenizer and checkpoint do not match")
 

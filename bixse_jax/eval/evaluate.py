@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from bixse_jax.data.tokenizer import Tokenizer
 from bixse_jax import checkpoint
 from bixse_jax.data.sources import GradedPair
+from bixse_jax.errors import UserError
 from bixse_jax.eval import metrics
 from bixse_jax.eval.encode import encode_texts
 from bixse_jax.eval.search import top_k_run, top_k_search
@@ -114,7 +115,7 @@ def rerank(enc: TextEncoder, queries: dict[str, str], corpus: dict[str, str], po
     dids = list(dict.fromkeys(d for q in qids for d in pools[q]))
     unknown = [d for d in dids if d not in corpus]
     if unknown:
-        raise ValueError(f"{len(unknown)} candidate documents have no text, e.g. {unknown[:3]}")
+        raise UserError(f"{len(unknown)} candidate documents have no text, e.g. {unknown[:3]}")
     row = {d: i for i, d in enumerate(dids)}
     q = enc.queries([queries[i] for i in qids])
     d = enc.documents([corpus[i] for i in dids])
@@ -163,7 +164,7 @@ def load_text_encoder(name_or_path: str | pathlib.Path, *, dtype: str = "float32
         source = f"{model.source['workdir']} (checkpoint {model.source['step']}, base {model.source['base_model']})"
     else:
         if step is not None:
-            raise ValueError(f"{name_or_path}: a checkpoint step needs a training workdir")
+            raise UserError(f"{name_or_path}: a checkpoint step needs a training workdir")
         model = load_encoder(name_or_path, dtype=dtype, matmul_dtype=matmul_dtype, dense_impl=dense_impl)
         source = str(model.model_dir)
     limit = position_limit(model)
@@ -171,7 +172,7 @@ def load_text_encoder(name_or_path: str | pathlib.Path, *, dtype: str = "float32
     doc_len = max_len or max_length(model, query=False)
     for name, value in (("query max length", query_len), ("max length", doc_len)):
         if not 1 <= value <= limit:
-            raise ValueError(f"{name} {value} is outside 1..{limit}, the model's position limit")
+            raise UserError(f"{name} {value} is outside 1..{limit}, the model's position limit")
     return TextEncoder(model.encoder, model.params, model.tokenizer, query_max_len=query_len, doc_max_len=doc_len,
                        query_prefix=model.settings.query_prompt if query_prefix is None else query_prefix,
                        batch_size=batch_size, mesh=mesh, show_progress=show_progress, source=source)

@@ -12,6 +12,7 @@ import os
 import pathlib
 
 from bixse_jax.data.sources import DataError, read_lines
+from bixse_jax.errors import UserError
 
 Run = dict[str, dict[str, float]]  # query id -> doc id -> score
 
@@ -26,14 +27,14 @@ def ranked(scores: dict[str, float]) -> list[tuple[str, float]]:
 def write_run(path: str | os.PathLike, run: Run, tag: str = "bixse-jax") -> pathlib.Path:
     """Writes every query of `run` in its given order; scores with full float precision."""
     if not tag or any(c.isspace() for c in tag):
-        raise ValueError(f"run tag must be one word, got {tag!r}")
+        raise UserError(f"run tag must be one word, got {tag!r}")
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for qid, scores in run.items():
             for ident in (qid, *scores):
                 if not ident or any(c.isspace() for c in ident):
-                    raise ValueError(f"ids in a TREC run must be non-empty and without spaces, got {ident!r}")
+                    raise UserError(f"ids in a TREC run must be non-empty and without spaces, got {ident!r}")
             for rank, (did, score) in enumerate(ranked(scores), start=1):
                 f.write(f"{qid} Q0 {did} {rank} {float(score)!r} {tag}\n")
     return path

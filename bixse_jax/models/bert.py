@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from bixse_jax.errors import ConfigError, UserError
 from bixse_jax.models import cpu_blas
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
@@ -74,24 +75,24 @@ class EncoderConfig:
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"model_type {self.model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
         if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
         if self.matmul_dtype not in (None, "float32", "bfloat16"):
-            raise ValueError(f"matmul_dtype {self.matmul_dtype!r} is not one of None, 'float32', 'bfloat16'")
+            raise ConfigError(f"matmul_dtype {self.matmul_dtype!r} is not one of None, 'float32', 'bfloat16'")
         if self.dense_impl not in DENSE_IMPLS:
-            raise ValueError(f"dense_impl {self.dense_impl!r} is not one of {DENSE_IMPLS}")
+            raise ConfigError(f"dense_impl {self.dense_impl!r} is not one of {DENSE_IMPLS}")
         if self.dense_impl == "mkl" and (self.dtype != "float32" or self.matmul_dtype not in (None, "float32")):
-            raise ValueError(f"dense_impl 'mkl' multiplies in float32; dtype is {self.dtype!r} "
-                             f"and matmul_dtype {self.matmul_dtype!r}")
+            raise ConfigError(f"dense_impl 'mkl' multiplies in float32; dtype is {self.dtype!r} "
+                              f"and matmul_dtype {self.matmul_dtype!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+            raise ConfigError(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+            raise ConfigError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by "
+                              f"num_attention_heads {self.num_attention_heads}")
 
     @property
     def position_offset(self) -> int:
@@ -111,11 +112,11 @@ class EncoderConfig:
         try:
             hf = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read the model config: {e}") from e
+            raise UserError(f"{path}: cannot read the model config: {e}") from e
         try:
             return cls.from_hf_dict(hf, **overrides)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from e
+            raise UserError(f"{path}: {e}") from e
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The architecture fields, in HF's config.json vocabulary."""

@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 
+from bixse_jax.errors import ConfigError
 from bixse_jax.models.bert import BertModel, EncoderConfig
 from bixse_jax.models.pooling import POOLING_MODES, l2_normalize, pool
 
@@ -20,7 +21,7 @@ class SentenceEncoder:
 
     def __post_init__(self):
         if self.pooling not in POOLING_MODES:
-            raise ValueError(f"pooling {self.pooling!r} is not one of {POOLING_MODES}")
+            raise ConfigError(f"pooling {self.pooling!r} is not one of {POOLING_MODES}")
 
     @property
     def module(self) -> BertModel:

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from bixse_jax.errors import UserError
 from bixse_jax.models.bert import EncoderConfig, param_shapes
 
 # Tensors that exist in HF checkpoints but play no part in a sentence encoder.
@@ -40,7 +41,7 @@ _OFFLINE_PACKAGES = {
 _ST_POOLING_MODES = {"mean": "mean", "cls": "cls", "lasttoken": "last"}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """A model folder that cannot be turned into encoder parameters."""
 
 
@@ -304,9 +305,9 @@ def parse_size(size: int | str) -> int:
     try:
         value = float(number) * factor
     except ValueError:
-        raise ValueError(f"size {size!r} is not a number of bytes nor like '500MB' or '2GiB'") from None
+        raise UserError(f"size {size!r} is not a number of bytes nor like '500MB' or '2GiB'") from None
     if value < 1:
-        raise ValueError(f"size {size!r} must be at least one byte")
+        raise UserError(f"size {size!r} must be at least one byte")
     return int(value)
 
 
