@@ -82,12 +82,11 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
-def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-    """Pairs this process feeds per step; the global batch must split evenly over devices."""
+def check_batch_split(global_batch_size: int, mesh: Mesh) -> None:
+    """The global batch must split evenly over the mesh's devices (each process feeds its share)."""
     if global_batch_size % mesh.size:
-        raise ConfigError(f"global batch size {global_batch_size} is not divisible by the "
-                         f"{mesh.size} devices of the mesh")
-    return global_batch_size // jax.process_count()
+        raise ConfigError(f"train.global_batch_size={global_batch_size} is not divisible by the "
+                          f"{mesh.size} devices of the mesh")
 
 
 def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:

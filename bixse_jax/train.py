@@ -75,7 +75,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     """
     workdir = checkpoint.workdir_path(workdir)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-    parallel.local_batch_size(config.train.global_batch_size, mesh)
+    parallel.check_batch_split(config.train.global_batch_size, mesh)
     chunk = config.train.grad_cache_chunk
     if chunk:
         grad_cache.check_chunk(config.train.global_batch_size, chunk, mesh)

@@ -30,7 +30,7 @@ def _pairs(n: int, *, long_every: int = 0) -> list[GradedPair]:
         long = long_every and i % long_every == 0
         query = "query " + ("alpha " * 30 if long else "") + words
         pairs.append(GradedPair(query=query, document="doc " + words * (1 + i % 3),
-                                score=(i % 4) / 3, query_id=f"q{i // 2}", doc_id=f"d{i % 7}"))
+                                grade=(i % 4) / 3, query_id=f"q{i // 2}", doc_id=f"d{i % 7}"))
     return pairs
 
 

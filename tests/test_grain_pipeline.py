@@ -81,7 +81,7 @@ def test_build_keeps_source_order_and_fields_without_tensorflow(built):
         assert tfds_builder.decode_text(r["document"]) == pairs[i].document
         assert tfds_builder.decode_text(r["instruction"]) == pairs[i].instruction
         assert tfds_builder.decode_text(r["query_id"]) == f"q{i // 2}"
-        assert r["score"] == pytest.approx(pairs[i].score, abs=1e-7)
+        assert r["score"] == pytest.approx(pairs[i].grade, abs=1e-7)
         assert (r["query_index"], r["doc_index"]) == (i // 2, i % 7)  # first-appearance order
     assert "tensorflow" not in sys.modules
 

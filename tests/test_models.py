@@ -201,5 +201,5 @@ def test_minilm_sts_spearman_matches_reference(shared_data, minilm_path):
     assert len(pairs) == 1379
     a = encode_texts(enc, params, tok, [p.query for p in pairs], max_len=256)
     b = encode_texts(enc, params, tok, [p.document for p in pairs], max_len=256)
-    rho = spearmanr(np.sum(a * b, axis=1), [p.score for p in pairs]).correlation
+    rho = spearmanr(np.sum(a * b, axis=1), [p.grade for p in pairs]).correlation
     assert abs(rho - 0.8203) <= 0.0005, rho

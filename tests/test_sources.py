@@ -109,7 +109,7 @@ def _beir(folder: pathlib.Path, qrels: list[str], split: str = "train") -> pathl
 def test_beir_maps_grades_by_max_grade_in_file(tmp_path):
     folder = _beir(tmp_path, ["q1\td1\t3", "q1\td2\t0", "q2\td3\t1"])
     pairs = sources.read_beir(folder)
-    assert [(p.query_id, p.doc_id, p.score) for p in pairs] == [
+    assert [(p.query_id, p.doc_id, p.grade) for p in pairs] == [
         ("q1", "d1", 1.0), ("q1", "d2", 0.0), ("q2", "d3", pytest.approx(1 / 3))]
     assert pairs[0].document == "Title one text one"
     assert pairs[1].document == "text two"  # Empty title adds no space.
@@ -118,9 +118,9 @@ def test_beir_maps_grades_by_max_grade_in_file(tmp_path):
 
 def test_beir_max_grade_grade_map_and_keep_zero(tmp_path):
     folder = _beir(tmp_path, ["q1\td1\t2", "q1\td2\t0", "q2\td3\t1"])
-    assert [p.score for p in sources.read_beir(folder, max_grade=4)] == [0.5, 0.0, 0.25]
+    assert [p.grade for p in sources.read_beir(folder, max_grade=4)] == [0.5, 0.0, 0.25]
     mapped = sources.read_beir(folder, grade_map={0: 0.1, 1: 0.6, 2: 0.9})
-    assert [p.score for p in mapped] == [0.9, 0.1, 0.6]
+    assert [p.grade for p in mapped] == [0.9, 0.1, 0.6]
     assert [p.doc_id for p in sources.read_beir(folder, keep_zero=False)] == ["d1", "d3"]
     with pytest.raises(DataError, match=r"train.tsv:2: field \"score\": grade 2 exceeds"):
         sources.read_beir(folder, max_grade=1)
@@ -164,7 +164,7 @@ def test_beir_skip_missing_docs(tmp_path):
         sources.read_beir(folder)
     pairs = sources.read_beir(folder, skip_missing_docs=True)
     # max_grade is the file's (2), skipped judgments included.
-    assert [(p.doc_id, p.score) for p in pairs] == [("d1", 0.5)]
+    assert [(p.doc_id, p.grade) for p in pairs] == [("d1", 0.5)]
     queries, corpus, qrels = sources.read_beir_eval(folder, "train", skip_missing_docs=True)
     assert qrels == {"q1": {"d1": 1.0}} and list(queries) == ["q1"]
     assert len(corpus) == 3
@@ -218,9 +218,9 @@ def test_sts_errors(tmp_path, row, field, fragment):
 
 def test_load_pairs_dispatches_and_rejects_unknown_kind(tmp_path):
     path = _write(tmp_path / "sts.csv", ["a\tb\tc\td\t2.5\tx\ty"])
-    assert sources.load_pairs("sts", str(path))[0].score == 0.5
+    assert sources.load_pairs("sts", str(path))[0].grade == 0.5
     folder = _beir(tmp_path / "beir", ["q1\td1\t2", "q1\td2\t1"])
-    assert [p.score for p in sources.load_pairs("beir", str(folder), max_grade=4)] == [0.5, 0.25]
+    assert [p.grade for p in sources.load_pairs("beir", str(folder), max_grade=4)] == [0.5, 0.25]
     known = r"unknown data kind 'csv'; known kinds: \['beir', 'jsonl', 'sts'\]"
     with pytest.raises(ValueError, match=known):
         sources.load_pairs("csv", str(path))
@@ -241,13 +241,13 @@ def test_real_data_reads_quickly_and_matches_published_counts(shared_data):
            for s in ("train", "dev", "test")}
     elapsed = time.perf_counter() - start
 
-    assert len(scifact_train) == 919 and {p.score for p in scifact_train} == {1.0}
+    assert len(scifact_train) == 919 and {p.grade for p in scifact_train} == {1.0}
     assert (len(queries), len(corpus), sum(map(len, qrels.values()))) == (300, 5183, 339)
     assert len(trec) == 3834
-    assert {round(p.score * 3) for p in trec} == {0, 1, 2, 3}
+    assert {round(p.grade * 3) for p in trec} == {0, 1, 2, 3}
     assert len(trec_eval[0]) == 43 and set(trec_eval[0]) == set(trec_eval[2])
     assert {s: len(p) for s, p in sts.items()} == {"train": 5749, "dev": 1500, "test": 1379}
-    assert all(0.0 <= p.score <= 1.0 for p in sts["train"])
+    assert all(0.0 <= p.grade <= 1.0 for p in sts["train"])
     assert elapsed < 10.0, f"reading the real data took {elapsed:.1f} s"
 
 

@@ -30,10 +30,10 @@ def test_sizes(demo):
 
 
 def test_train_grades_are_graded_and_ids_consistent(demo):
-    grades = collections.Counter(round(p.score * 3) for p in demo.train)
+    grades = collections.Counter(round(p.grade * 3) for p in demo.train)
     assert set(grades) == {0, 1, 2, 3}
     assert grades[3] == 1150 and grades[2] > 1000 and grades[1] > 1000 and grades[0] > 300
-    assert all(p.score in (0.0, 1 / 3, 2 / 3, 1.0) for p in demo.train)
+    assert all(p.grade in (0.0, 1 / 3, 2 / 3, 1.0) for p in demo.train)
     text_of_query, text_of_doc = {}, {}
     for p in demo.train:
         assert text_of_query.setdefault(p.query_id, p.query) == p.query

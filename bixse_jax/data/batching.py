@@ -193,7 +193,7 @@ class PairBatcher(EpochOrder, StepBatches):
                                  "tokenising documents", show)
         self._query_ids = _dense_index([p.query_id for p in pairs])
         self._doc_ids = _dense_index([p.doc_id for p in pairs])
-        self._grades = np.asarray([p.score for p in pairs], dtype=np.float32)
+        self._grades = np.asarray([p.grade for p in pairs], dtype=np.float32)
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's slice of global batch `step`, padded to global bucket lengths."""

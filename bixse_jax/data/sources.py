@@ -31,7 +31,7 @@ class GradedPair:
     """One training example: a query, a document and a relevance probability."""
     query: str
     document: str
-    score: float  # In [0, 1].
+    grade: float  # relevance in [0, 1]; the files call it "score"
     query_id: str
     doc_id: str
     instruction: str = ""
@@ -176,7 +176,7 @@ def read_jsonl_pairs(path: PathLike) -> list[GradedPair]:
         pairs.append(GradedPair(
                 query=query,
                 document=document,
-                score=row.score("score"),
+                grade=row.score("score"),
                 query_id=row.ident("query_id", default=query),
                 doc_id=row.ident("doc_id", default=document),
                 instruction=row.text("instruction", default="", allow_empty=True),
@@ -306,7 +306,7 @@ def read_beir(
         if prob == 0.0 and not keep_zero:
             continue
         pairs.append(GradedPair(query=queries[qid], document=corpus[did],
-                                score=prob, query_id=qid, doc_id=did))
+                                grade=prob, query_id=qid, doc_id=did))
     return _nonempty(pairs, path)
 
 
@@ -356,7 +356,7 @@ def read_sts(path: PathLike) -> list[GradedPair]:
         for name, sentence in (("sentence1 (6)", first), ("sentence2 (7)", second)):
             if not sentence.strip():
                 raise err(name, "must not be empty or whitespace-only")
-        pairs.append(GradedPair(query=first, document=second, score=score / 5.0,
+        pairs.append(GradedPair(query=first, document=second, grade=score / 5.0,
                                 query_id=first, doc_id=second))
     return _nonempty(pairs, path)
 

@@ -234,7 +234,7 @@ def _make_train_pairs(rng: random.Random, entities: list[_Entity], num_queries: 
         chosen += [(g, rng.choice(by_grade[g])) for g in (2, 1) if by_grade[g]]
         if rng.random() < 0.5 and by_grade[0]:
             chosen.append((0, rng.choice(by_grade[0])))
-        pairs += [GradedPair(query=text, document=e.text, score=g / MAX_GRADE,
+        pairs += [GradedPair(query=text, document=e.text, grade=g / MAX_GRADE,
                              query_id=query_id, doc_id=e.doc_id) for g, e in chosen]
     return pairs
 

@@ -99,7 +99,7 @@ class GradedPairs(tfds.core.GeneratorBasedBuilder):
         for i, p in enumerate(pairs):
             yield i, {
                 "query": p.query, "document": p.document, "instruction": p.instruction,
-                "query_id": p.query_id, "doc_id": p.doc_id, "score": np.float32(p.score),
+                "query_id": p.query_id, "doc_id": p.doc_id, "score": np.float32(p.grade),
                 "query_index": query_index.setdefault(p.query_id, len(query_index)),
                 "doc_index": doc_index.setdefault(p.doc_id, len(doc_index)),
             }

@@ -74,7 +74,7 @@ def evaluate_sts(enc: TextEncoder, pairs: Sequence[GradedPair]) -> dict[str, flo
     a = _unit(enc.documents([p.query for p in pairs]))
     b = _unit(enc.documents([p.document for p in pairs]))
     cos = np.sum(a * b, axis=1)
-    gold = np.array([p.score for p in pairs])
+    gold = np.array([p.grade for p in pairs])
     return {"spearman": metrics.spearman(cos, gold), "pearson": metrics.pearson(cos, gold)}
 
 
