@@ -80,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.run_file = "qrels"  # rerank: a TREC run's candidates, or "qrels" for each query's judged pool
     c.eval.path = ""
     c.eval.split = "test"
-    c.eval.skip_missing_docs = False  # beir: judged documents without text are left out
+    c.eval.skip_missing_docs = False  # beir / rerank: drop judgments of docs without text (off: qrels as given)
     c.eval.every_steps = 0  # 0: only before and after training
     c.eval.before_training = True  # False: skip the zero-shot evaluation (sweeps compute it once)
     c.eval.batch_size = 128

@@ -129,7 +129,7 @@ def make_evaluator(config: ml_collections.ConfigDict, model: SentenceModel) -> E
     if cfg.kind == "rerank":
         run_file = cfg.get("run_file", "qrels") or "qrels"
         if run_file == "qrels":
-            pools = evaluate.judged_pool(qrels)
+            pools = evaluate.judged_pool(qrels, corpus)  # judged documents with text; qrels stay whole
         else:
             pools, _ = evaluate.run_pool(run_files.read_run(run_file), corpus, depth=cfg.top_k)
         return lambda params: evaluate.evaluate_rerank(enc.with_params(params), queries, corpus, qrels,

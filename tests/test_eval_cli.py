@@ -135,18 +135,33 @@ def test_eval_beir_retrieval_writes_metrics_and_run(tiny_model_dir, tiny_enc, be
     top = np.isfinite(got)
     np.testing.assert_allclose(got[top], want[top], atol=1e-5)
     assert (want[top].reshape(8, 30).min(axis=1) >= np.where(top, -np.inf, want).max(axis=1) - 1e-5).all()
-    # Without skipping, the judged document without text is an error naming file, line and field.
-    err = _cli_error(eval_cmd, args, capsys)
-    assert "test.tsv:26" in err and "corpus-id" in err and "d39" in err
+    assert result["skip_missing_docs"] is True and result["judged_without_text"] == 1
+    # By default the qrels stay as given (trec_eval): q0's judged d39 has no text, so it cannot be
+    # retrieved, yet it counts among q0's relevant documents.
+    full = _run_cli(eval_cmd, args, capsys)
+    assert full["skip_missing_docs"] is False and full["judged_without_text"] == 1
+    assert run_files.read_run(tmp_path / "run.trec") == run
+    _, _, given = sources.read_beir_eval(beir_dir, "test")
+    assert given["q0"] == qrels["q0"] | {"d39": 3.0}
+    assert full["metrics"] == pytest.approx(metrics.evaluate_run(run, given, ks=(5, 20)), abs=1e-12)
+    assert full["metrics"]["recall@20"] < result["metrics"]["recall@20"]
 
 
 def test_eval_rerank_judged_pool_and_run_file(tiny_model_dir, tiny_enc, beir_dir, tmp_path, capsys):
     base = ["--model", str(tiny_model_dir), "--beir", str(beir_dir), "--max-len", "32", "--query-prefix", "query: "]
     result = _run_cli(eval_cmd, base + ["--rerank", "qrels", "--run-out", str(tmp_path / "rr.trec")], capsys)
-    assert result["task"] == "rerank" and result["skip_missing_docs"] is True
+    assert result["task"] == "rerank" and result["skip_missing_docs"] is False
+    assert result["judged_without_text"] == result["candidates_without_text"] == 1  # q0's d39
     run = run_files.read_run(tmp_path / "rr.trec")
-    queries, corpus, qrels = sources.read_beir_eval(beir_dir, "test", skip_missing_docs=True)
-    assert {q: set(d) for q, d in run.items()} == {q: set(d) for q, d in qrels.items()}  # exactly the judged pool
+    queries, corpus, qrels = sources.read_beir_eval(beir_dir, "test")  # the qrels as given
+    # Exactly the judged documents with text; d39 stays in the qrels the metrics read.
+    assert {q: set(d) for q, d in run.items()} == {q: set(d) - {"d39"} for q, d in qrels.items()}
+    assert result["metrics"] == pytest.approx(metrics.evaluate_run(run, qrels) | {"mean_pool_size": 3.0})
+    skipped = _run_cli(eval_cmd, base + ["--rerank", "qrels", "--skip-missing-docs"], capsys)
+    assert skipped["skip_missing_docs"] is True and skipped["candidates_without_text"] == 0
+    assert skipped["metrics"] == pytest.approx(
+        metrics.evaluate_run(run, sources.judged_with_text(qrels, corpus)) | {"mean_pool_size": 3.0})
+    assert skipped["metrics"]["ndcg@10"] > result["metrics"]["ndcg@10"]  # the ideal DCG lost d39's grade 3
     q = tiny_enc.queries([queries["q3"]])[0]
     d = tiny_enc.documents([corpus[x] for x in run["q3"]])
     np.testing.assert_allclose(list(run["q3"].values()), d @ q, atol=1e-5)
@@ -162,7 +177,67 @@ def test_eval_rerank_judged_pool_and_run_file(tiny_model_dir, tiny_enc, beir_dir
     assert result["metrics"] == pytest.approx(metrics.evaluate_run(run2, qrels, ks=(1, 3)) | {"mean_pool_size": 3.0})
     # A depth keeps each query's best candidates of the run.
     result = _run_cli(eval_cmd, base + ["--rerank", str(tmp_path / "cands.trec"), "--rerank-depth", "1"], capsys)
-    assert result["metrics"]["mean_pool_size"] == 1.0 and result["metrics"]["recall@10"] == 0.5  # d_i of d_i, d_i+16
+    # d_i of d_i, d_i+16 (and of q0's d39, which has no text)
+    assert result["metrics"]["mean_pool_size"] == 1.0
+    assert result["metrics"]["recall@10"] == pytest.approx((7 / 2 + 1 / 3) / 8)
+
+
+def _ir_measures(run_file: pathlib.Path, qrels_tsv: pathlib.Path, ks: tuple[int, ...]) -> dict[str, float]:
+    """ir-measures (trec_eval's C code through pytrec_eval) on a run file and a BEIR qrels file as given."""
+    import ir_measures
+    from ir_measures import AP, RR, R, nDCG
+
+    rows = [line.split("\t") for line in qrels_tsv.read_text().splitlines()[1:]]
+    qrels = [ir_measures.Qrel(q, d, int(g)) for q, d, g in rows]
+    measures = {**{f"ndcg@{k}": nDCG @ k for k in ks}, **{f"recall@{k}": R @ k for k in ks}, "map": AP, "rr": RR}
+    values = ir_measures.calc_aggregate(measures.values(), qrels, ir_measures.read_trec_run(str(run_file)))
+    return {name: values[m] for name, m in measures.items()}
+
+
+def test_eval_rerank_metrics_equal_ir_measures_on_the_qrels_as_given(tiny_model_dir, beir_dir, tmp_path, capsys):
+    """Judged documents without text stay in the qrels, as trec_eval reads them: the numbers equal
+    ir-measures on the written run and the qrels file, which --skip-missing-docs's do not."""
+    root = tmp_path / "dl"
+    (root / "qrels").mkdir(parents=True)
+    for name in ("corpus.jsonl", "queries.jsonl"):  # d0..d38 have text; d39..d42 have none
+        (root / name).write_text((beir_dir / name).read_text())
+    judged = {"q0": {"d0": 2, "d16": 1, "d24": 0, "d39": 3, "d40": 2},  # two relevant docs without text
+              "q1": {"d41": 1, "d25": 0},  # its only relevant doc has no text
+              "q2": {"d2": 0, "d18": 0},  # nothing relevant: 0 in both
+              **{f"q{i}": {f"d{i}": 2, f"d{i + 16}": 1, f"d{i + 24}": 0} for i in range(3, 8)}}
+    qrels_tsv = root / "qrels" / "test.tsv"
+    qrels_tsv.write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q}\t{d}\t{g}\n" for q, docs in judged.items() for d, g in docs.items()))
+    cands = tmp_path / "bm25.trec"  # q7 is missing from the run: 0 in both
+    cands.write_text("".join(f"{q} Q0 {d} {r + 1} {20 - r} bm25\n" for q in list(judged)[:7]
+                             for r, d in enumerate([*judged[q], "d33", "d34", "d35", "d42"])))
+    base = ["--model", str(tiny_model_dir), "--beir", str(root), "--max-len", "32", "--k", "5,10",
+            "--rerank", str(cands), "--run-out", str(tmp_path / "rr.trec")]
+    result = _run_cli(eval_cmd, base, capsys)
+    assert result["skip_missing_docs"] is False and result["queries"] == 8
+    assert result["judged_without_text"] == 3 and result["candidates_without_text"] == 3 + 2 + 5
+    theirs = _ir_measures(tmp_path / "rr.trec", qrels_tsv, (5, 10))
+    ours = result["metrics"]
+    assert ours["mrr@10"] == pytest.approx(theirs.pop("rr"), abs=1e-6)  # pools of <= 9: RR@10 is RR
+    assert {k: ours[k] for k in theirs} == pytest.approx(theirs, abs=1e-6)
+    assert theirs["ndcg@10"] > 0 and theirs["recall@10"] < 1
+    # Dropping the judgments without text inflates the numbers: no longer trec_eval's.
+    skipped = _run_cli(eval_cmd, base + ["--skip-missing-docs"], capsys)["metrics"]
+    assert skipped["ndcg@10"] > ours["ndcg@10"] + 0.05 and skipped["recall@10"] > ours["recall@10"] + 0.05
+
+
+def test_real_trec_dl_rerank_equals_ir_measures(minilm_path, shared_data, tmp_path, capsys):
+    """MiniLM re-ranking BM25's top 10 on TREC-DL 2019: nDCG@10, Recall@100 and MAP equal ir-measures
+    on the written run with the official qrels (5,426 of 9,260 judged passages have no text)."""
+    data = shared_data / "trec-dl19"
+    result = _run_cli(eval_cmd, ["--model", str(minilm_path), "--beir", str(data), "--rerank",
+                                 str(data / "runs" / "BM25.trec"), "--rerank-depth", "10", "--batch-size", "64",
+                                 "--run-out", str(tmp_path / "rr.trec")], capsys)
+    assert result["judged_without_text"] == 5426 and result["queries"] == 43
+    theirs = _ir_measures(tmp_path / "rr.trec", data / "qrels" / "test.tsv", (10, 100))
+    for name in ("ndcg@10", "recall@100", "map"):
+        assert result["metrics"][name] == pytest.approx(theirs[name], abs=1e-6), name
+    assert 0.4 < theirs["ndcg@10"] < 0.8
 
 
 def test_eval_errors(tiny_model_dir, beir_dir, tmp_path, capsys):
@@ -241,7 +316,6 @@ def _tiny_config(tiny_model_dir, beir_dir):
     c.train.learning_rate = 1e-2
     c.train.checkpoint_every = 2
     c.eval.path = str(beir_dir)
-    c.eval.skip_missing_docs = True
     c.eval.ks = (5, 20)
     return c
 
@@ -251,14 +325,23 @@ def test_training_evaluator_kinds_match_the_cli_functions(tiny_model_dir, tiny_e
 
     config = _tiny_config(tiny_model_dir, beir_dir)
     model = experiment.load_model(config.model)
-    queries, corpus, qrels = sources.read_beir_eval(beir_dir, "test", skip_missing_docs=True)
+    queries, corpus, qrels = sources.read_beir_eval(beir_dir, "test")  # eval.skip_missing_docs=False: as given
+    assert "d39" in qrels["q0"] and "d39" not in corpus
     config.eval.kind = "beir"
     got = experiment.make_evaluator(config, model)(model.params)
     assert got == pytest.approx(evaluate.evaluate_retrieval(tiny_enc, queries, corpus, qrels, ks=(5, 20), top_k=100)[0])
     config.eval.kind = "rerank"
     got = experiment.make_evaluator(config, model)(model.params)
-    want = evaluate.evaluate_rerank(tiny_enc, queries, corpus, qrels, evaluate.judged_pool(qrels), ks=(5, 20))[0]
+    pools = evaluate.judged_pool(qrels, corpus)
+    assert pools["q0"] == ["d0", "d16", "d24"]  # d39 cannot be scored, but counts in the metrics
+    want = evaluate.evaluate_rerank(tiny_enc, queries, corpus, qrels, pools, ks=(5, 20))[0]
     assert got == pytest.approx(want) and got["mean_pool_size"] == 3.0
+    config.eval.skip_missing_docs = True
+    skipped = experiment.make_evaluator(config, model)(model.params)
+    assert skipped == pytest.approx(evaluate.evaluate_rerank(
+        tiny_enc, queries, corpus, sources.judged_with_text(qrels, corpus), pools, ks=(5, 20))[0])
+    assert skipped["recall@5"] > got["recall@5"]
+    config.eval.skip_missing_docs = False
     run_files.write_run(tmp_path / "c.trec", {"q1": {"d1": 2.0, "d9": 1.0}, "q2": {"d2": 1.0}})
     config.eval.run_file = str(tmp_path / "c.trec")
     got = experiment.make_evaluator(config, model)(model.params)
@@ -288,8 +371,8 @@ def test_workdir_loads_the_latest_checkpoint(tiny_model_dir, beir_dir, tmp_path,
     assert not np.allclose(enc.documents(["protein cell"]), base.documents(["protein cell"]), atol=1e-4)
     result = _run_cli(eval_cmd, ["--model", str(tmp_path / "run"), "--step", "2", "--beir", str(beir_dir),
                                  "--rerank", "qrels"], capsys)
-    queries, corpus, qrels = sources.read_beir_eval(beir_dir, "test", skip_missing_docs=True)
-    want = evaluate.evaluate_rerank(enc, queries, corpus, qrels, evaluate.judged_pool(qrels))[0]
+    queries, corpus, qrels = sources.read_beir_eval(beir_dir, "test")
+    want = evaluate.evaluate_rerank(enc, queries, corpus, qrels, evaluate.judged_pool(qrels, corpus))[0]
     assert result["metrics"] == pytest.approx(want)
     assert result["model_source"] == enc.source
 
@@ -310,9 +393,10 @@ def test_cross_validation_trains_on_other_folds_and_evaluates_the_held_out_one(t
 
     model = experiment.load_model(config.model)
     got = experiment.make_evaluator(config, model)(model.params)
-    queries, corpus, qrels = sources.read_beir_eval(beir_dir, "test", skip_missing_docs=True)
+    queries, corpus, qrels = sources.read_beir_eval(beir_dir, "test")
     qrels = {q: r for q, r in qrels.items() if q in held_out}
-    want = evaluate.evaluate_rerank(tiny_enc, queries, corpus, qrels, evaluate.judged_pool(qrels), ks=(5, 20))[0]
+    want = evaluate.evaluate_rerank(tiny_enc, queries, corpus, qrels, evaluate.judged_pool(qrels, corpus),
+                                    ks=(5, 20))[0]
     assert got == pytest.approx(want)
 
     config.eval.before_training = False

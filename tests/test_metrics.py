@@ -10,8 +10,8 @@ from bixse_jax.eval import metrics
 
 LOG2_3 = math.log2(3)
 
-# q1: graded; q2: its only relevant doc at rank 3; q3: nothing relevant (skipped);
-# q4: relevant doc but absent from the run (scores 0).
+# q1: graded; q2: its only relevant doc at rank 3; q3: nothing relevant (scores 0, as in
+# trec_eval); q4: relevant doc but absent from the run (scores 0).
 QRELS = {
     "q1": {"d1": 3, "d2": 1, "d3": 0, "d4": 2},
     "q2": {"a": 1, "b": 0},
@@ -23,46 +23,47 @@ RUN = {
     "q2": {"b": 2.0, "c": 1.0, "a": 0.5},  # b c a
     "q3": {"x": 1.0},
 }
-# Per-query values, written out by hand (q4 is 0 everywhere, q3 is not counted).
+# Per-query values, written out by hand (q3 and q4 are 0 everywhere).
 Q1_NDCG3 = (3 + 1 / LOG2_3) / (3 + 2 / LOG2_3 + 1 / 2)  # 3.63093 / 4.76186 = 0.762502
 Q1_NDCG5 = (3 + 1 / LOG2_3 + 2 / math.log2(6)) / (3 + 2 / LOG2_3 + 1 / 2)  # 0.924982
 Q2_NDCG3 = (1 / 2) / 1  # gain 1 at rank 3: 1 / log2(4).
 
 
 def test_ndcg_hand_computed():
-    assert metrics.ndcg_at_k(RUN, QRELS, 3) == pytest.approx((Q1_NDCG3 + Q2_NDCG3 + 0) / 3)
-    assert metrics.ndcg_at_k(RUN, QRELS, 5) == pytest.approx((Q1_NDCG5 + Q2_NDCG3 + 0) / 3)
+    assert metrics.ndcg_at_k(RUN, QRELS, 3) == pytest.approx((Q1_NDCG3 + Q2_NDCG3 + 0 + 0) / 4)
+    assert metrics.ndcg_at_k(RUN, QRELS, 5) == pytest.approx((Q1_NDCG5 + Q2_NDCG3 + 0 + 0) / 4)
     assert metrics.ndcg_at_k(RUN, QRELS, 2) == pytest.approx(
-        ((3 + 1 / LOG2_3) / (3 + 2 / LOG2_3) + 0 + 0) / 3
+        ((3 + 1 / LOG2_3) / (3 + 2 / LOG2_3) + 0 + 0 + 0) / 4
     )
     assert Q1_NDCG3 == pytest.approx(0.762502, abs=1e-6)
 
 
 def test_recall_mrr_map_hand_computed():
-    assert metrics.recall_at_k(RUN, QRELS, 3) == pytest.approx((2 / 3 + 1 + 0) / 3)  # 5/9
-    assert metrics.recall_at_k(RUN, QRELS, 1) == pytest.approx((1 / 3 + 0 + 0) / 3)
-    # With grade >= 2 as relevant: q1 has {d1, d4} (1 of 2 in top 3), q2 is skipped, q4 is 0.
-    assert metrics.recall_at_k(RUN, QRELS, 3, rel_threshold=2) == pytest.approx((1 / 2 + 0) / 2)
-    assert metrics.mrr_at_k(RUN, QRELS, 10) == pytest.approx((1 + 1 / 3 + 0) / 3)  # 4/9
-    assert metrics.mrr_at_k(RUN, QRELS, 2) == pytest.approx((1 + 0 + 0) / 3)
-    # q1 hits at ranks 1, 2, 5: (1/1 + 2/2 + 3/5) / 3 = 0.8667; q2: (1/3) / 1.
-    assert metrics.average_precision(RUN, QRELS) == pytest.approx(0.4)
+    assert metrics.recall_at_k(RUN, QRELS, 3) == pytest.approx((2 / 3 + 1 + 0 + 0) / 4)  # 5/12
+    assert metrics.recall_at_k(RUN, QRELS, 1) == pytest.approx((1 / 3 + 0 + 0 + 0) / 4)
+    # With grade >= 2 as relevant: q1 has {d1, d4} (1 of 2 in top 3); q2 and q3 have none (0), q4 is 0.
+    assert metrics.recall_at_k(RUN, QRELS, 3, rel_threshold=2) == pytest.approx((1 / 2 + 0 + 0 + 0) / 4)
+    assert metrics.mrr_at_k(RUN, QRELS, 10) == pytest.approx((1 + 1 / 3 + 0 + 0) / 4)  # 1/3
+    assert metrics.mrr_at_k(RUN, QRELS, 2) == pytest.approx((1 + 0 + 0 + 0) / 4)
+    # q1 hits at ranks 1, 2, 5: (1/1 + 2/2 + 3/5) / 3 = 0.8667; q2: (1/3) / 1; q3, q4: 0.
+    assert metrics.average_precision(RUN, QRELS) == pytest.approx(0.3)
 
 
-def test_query_without_relevant_docs_is_skipped():
+def test_query_without_relevant_docs_scores_0_like_trec_eval():
     base = metrics.evaluate_run(RUN, QRELS, ks=(3,))
     without_q3 = metrics.evaluate_run(RUN, {q: v for q, v in QRELS.items() if q != "q3"}, ks=(3,))
-    assert base == without_q3
-    # Only a query with nothing relevant: nothing to average.
+    assert base == pytest.approx({name: value * 3 / 4 for name, value in without_q3.items()})
     assert metrics.ndcg_at_k({"q": {"a": 1.0}}, {"q": {"a": 0}}, 10) == 0.0
+    assert metrics.evaluate_run({}, {}) == {"ndcg@10": 0.0, "recall@10": 0.0, "ndcg@100": 0.0, "recall@100": 0.0,
+                                            "mrr@10": 0.0, "map": 0.0}  # no judged query: nothing to average
 
 
 def test_evaluate_run_keys_and_values():
     out = metrics.evaluate_run(RUN, QRELS, ks=(3, 5))
     assert set(out) == {"ndcg@3", "recall@3", "ndcg@5", "recall@5", "mrr@10", "map"}
-    assert out["ndcg@3"] == pytest.approx((Q1_NDCG3 + Q2_NDCG3) / 3)
-    assert out["recall@5"] == pytest.approx((1 + 1 + 0) / 3)
-    assert out["map"] == pytest.approx(0.4)
+    assert out["ndcg@3"] == pytest.approx((Q1_NDCG3 + Q2_NDCG3) / 4)
+    assert out["recall@5"] == pytest.approx((1 + 1 + 0 + 0) / 4)
+    assert out["map"] == pytest.approx(0.3)
     assert set(metrics.evaluate_run(RUN, QRELS)) >= {"ndcg@10", "recall@10", "recall@100"}
 
 

@@ -148,6 +148,8 @@ def test_metrics_equal_ir_measures_on_random_graded_run():
 
     qrels, run = _random_graded(0)
     run.pop("q7")  # a judged query the run misses counts 0 in both
+    qrels["q8"] = dict.fromkeys(qrels["q8"], 0)  # so does one with nothing relevant (trec_eval)
+    qrels["q9"] = {d: min(g, 1) for d, g in qrels["q9"].items()}  # only grade 1: relevant, gain 1
     measures = [nDCG @ 10, nDCG @ 100, R @ 100, AP]
     theirs = ir_measures.calc_aggregate(measures, qrels, run)
     ours = metrics.evaluate_run(run, qrels, ks=(10, 100))

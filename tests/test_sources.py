@@ -168,6 +168,16 @@ def test_beir_skip_missing_docs(tmp_path):
     queries, corpus, qrels = sources.read_beir_eval(folder, "train", skip_missing_docs=True)
     assert qrels == {"q1": {"d1": 1.0}} and list(queries) == ["q1"]
     assert len(corpus) == 3
+    # For evaluation the qrels stay as given by default (trec_eval's convention).
+    queries, corpus, qrels = sources.read_beir_eval(folder, "train")
+    assert qrels == {"q1": {"d1": 1.0, "d9": 2.0}, "q2": {"d8": 1.0}} and list(queries) == ["q1", "q2"]
+    assert sources.judged_without_text(qrels, corpus) == 2
+    assert sources.judged_with_text(qrels, corpus) == {"q1": {"d1": 1.0}}
+    # ... unless no judged document has text at all: a corpus from elsewhere, most likely.
+    folder = _beir(tmp_path / "other", ["q1	d9	1", "q2	d8	0"])
+    for skip in (False, True):
+        with pytest.raises(DataError, match="none of its judged documents is in corpus.jsonl"):
+            sources.read_beir_eval(folder, "train", skip_missing_docs=skip)
 
 
 def test_beir_unknown_split_lists_available(tmp_path):
@@ -246,6 +256,9 @@ def test_real_data_reads_quickly_and_matches_published_counts(shared_data):
     assert len(trec) == 3834
     assert {round(p.grade * 3) for p in trec} == {0, 1, 2, 3}
     assert len(trec_eval[0]) == 43 and set(trec_eval[0]) == set(trec_eval[2])
+    _, trec_corpus, trec_qrels = sources.read_beir_eval(shared_data / "trec-dl19", "test")  # as given
+    assert sum(map(len, trec_qrels.values())) == 9260 and len(trec_qrels) == 43
+    assert sources.judged_without_text(trec_qrels, trec_corpus) == 9260 - 3834
     assert {s: len(p) for s, p in sts.items()} == {"train": 5749, "dev": 1500, "test": 1379}
     assert all(0.0 <= p.grade <= 1.0 for p in sts["train"])
     assert elapsed < 10.0, f"reading the real data took {elapsed:.1f} s"

@@ -7,7 +7,10 @@
 PATH is a HF / sentence-transformers folder, a hub name, or a training workdir (its newest
 checkpoint). `--rerank qrels` re-ranks each query's judged documents that have text (graded
 re-ranking, the TREC-DL 2019 protocol here); `--rerank RUNFILE` re-ranks a TREC run's candidates.
-Prints one JSON object and, with --out, writes it to a file.
+Metrics read the qrels as given, like trec_eval: a judged document without text in corpus.jsonl
+cannot be ranked but still counts in the ideal DCG and recall (`judged_without_text` says how many
+judgments that is); `--skip-missing-docs` drops such judgments instead, and its numbers are not
+comparable with published ones. Prints one JSON object and, with --out, writes it to a file.
 """
 
 from __future__ import annotations
@@ -103,8 +106,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--rerank", default=None, metavar="RUNFILE|qrels",
                         help="re-rank each query's candidates from a TREC run, or its judged documents")
     parser.add_argument("--rerank-depth", type=int, default=None, help="candidates taken per query from the run")
-    parser.add_argument("--skip-missing-docs", action=argparse.BooleanOptionalAction, default=None,
-                        help="drop judgments of documents without text (default: on with --rerank)")
+    parser.add_argument("--skip-missing-docs", action=argparse.BooleanOptionalAction, default=False,
+                        help="drop judgments of documents without text from the qrels (default: off, "
+                             "trec_eval's convention: they count as relevant documents not ranked)")
     parser.add_argument("--run-out", default=None, help="write the ranking as a TREC run file")
     parser.add_argument("--tag", default="bixse-jax", help="run tag in --run-out")
     parser.add_argument("--out", default=None, help="also write the JSON result here")
@@ -134,12 +138,18 @@ def _evaluate(args: argparse.Namespace) -> None:
         result.update(data=args.sts, task="sts", pairs=len(pairs), metrics=evaluate.evaluate_sts(enc, pairs))
     else:
         ks = parse_ks(args.k)
-        skip = bool(args.rerank) if args.skip_missing_docs is None else args.skip_missing_docs
-        queries, corpus, qrels = sources.read_beir_eval(args.beir, args.split, skip_missing_docs=skip)
-        result.update(data=args.beir, split=args.split, queries=len(qrels), skip_missing_docs=skip)
+        skip = args.skip_missing_docs
+        queries, corpus, qrels = sources.read_beir_eval(args.beir, args.split)  # the qrels as given
+        without_text = sources.judged_without_text(qrels, corpus)
+        if skip:
+            qrels = sources.judged_with_text(qrels, corpus)
+            queries = {q: queries[q] for q in qrels}
+        result.update(data=args.beir, split=args.split, queries=len(qrels), skip_missing_docs=skip,
+                      judged_without_text=without_text)
         if args.rerank:
             if args.rerank == "qrels":
-                pools, missing = evaluate.judged_pool(qrels), 0
+                pools = evaluate.judged_pool(qrels, corpus)
+                missing = sum(len(qrels[q]) - len(pools[q]) for q in qrels)
             else:
                 pools, missing = evaluate.run_pool(run_files.read_run(args.rerank), corpus, args.rerank_depth)
             enc = load_encoder(args)

@@ -225,10 +225,14 @@ def _read_qrels(
         path: pathlib.Path,
         queries: Mapping[str, str],
         corpus: Mapping[str, str],
-        skip_missing_docs: bool,
+        missing_docs: str,
 ) -> tuple[list[tuple[int, str, str, float]], float]:
-    """Returns validated (line, query id, doc id, raw grade) rows and the file's top grade."""
-    rows, top = [], 0.0
+    """Returns validated (line, query id, doc id, raw grade) rows and the file's top grade.
+
+    A judged document absent from corpus.jsonl is an error (`missing_docs="error"`), dropped
+    ("skip") or kept ("keep": evaluation against the qrels as given).
+    """
+    rows, top, with_text = [], 0.0, 0
     for number, text in read_lines(path):
         fields = text.split("\t")
         if number == 1 and tuple(f.strip() for f in fields) == _QRELS_HEADER:
@@ -245,23 +249,27 @@ def _read_qrels(
         if qid not in queries:
             raise err("query-id", f"{qid!r} is not in queries.jsonl")
         top = max(top, grade)
-        if did not in corpus:
-            if skip_missing_docs:
-                continue
+        if did in corpus:
+            with_text += 1
+        elif missing_docs == "skip":
+            continue
+        elif missing_docs == "error":
             raise err("corpus-id", f"{did!r} is not in corpus.jsonl "
                       "(pass skip_missing_docs=True to drop such judgments)")
         rows.append((number, qid, did, grade))
     if not rows:
         raise DataError(path, None, None, "contains no usable judgments")
+    if not with_text:  # a corpus of another data set, most likely
+        raise DataError(path, None, None, "none of its judged documents is in corpus.jsonl")
     return rows, top
 
 
-def _load_beir(folder: PathLike, split: str, skip_missing_docs: bool):
+def _load_beir(folder: PathLike, split: str, missing_docs: str):
     folder = pathlib.Path(folder)
     qrels_path = _qrels_path(folder, split)
     queries = _read_beir_texts(folder / "queries.jsonl", with_title=False)
     corpus = _read_beir_texts(folder / "corpus.jsonl", with_title=True)
-    rows, top = _read_qrels(qrels_path, queries, corpus, skip_missing_docs)
+    rows, top = _read_qrels(qrels_path, queries, corpus, missing_docs)
     return qrels_path, queries, corpus, rows, top
 
 
@@ -288,7 +296,7 @@ def read_beir(
         for grade, prob in grade_map.items():
             if not (math.isfinite(prob) and 0.0 <= prob <= 1.0):
                 raise ConfigError(f"grade_map[{grade}] must be in [0, 1], got {prob}")
-    path, queries, corpus, rows, file_top = _load_beir(folder, split, skip_missing_docs)
+    path, queries, corpus, rows, file_top = _load_beir(folder, split, "skip" if skip_missing_docs else "error")
     top = file_top if max_grade is None else max_grade
     pairs = []
     for number, qid, did, grade in rows:
@@ -319,13 +327,31 @@ def read_beir_eval(
     """Returns (queries, corpus, qrels) for evaluation, qrels keeping raw grades.
 
     Queries are restricted to those judged in this split (retrieval runs over the
-    whole corpus); with `skip_missing_docs`, queries left without judgments go too.
+    whole corpus). The qrels are those of the file as given, judgments of documents
+    absent from corpus.jsonl included, as trec_eval reads them: such a document can be
+    neither retrieved nor re-ranked, yet it counts in the ideal DCG and in recall's and
+    MAP's number of relevant documents. `skip_missing_docs` drops those judgments
+    instead (`judged_with_text`), and queries left without judgments go too.
     """
-    _, queries, corpus, rows, _ = _load_beir(folder, split, skip_missing_docs)
+    _, queries, corpus, rows, _ = _load_beir(folder, split, "keep")
     qrels: dict[str, dict[str, float]] = {}
     for _, qid, did, grade in rows:
         qrels.setdefault(qid, {})[did] = grade
+    if skip_missing_docs:
+        qrels = judged_with_text(qrels, corpus)
     return {q: queries[q] for q in qrels}, corpus, qrels
+
+
+def judged_with_text(qrels: Mapping[str, Mapping[str, float]],
+                     corpus: Mapping[str, str]) -> dict[str, dict[str, float]]:
+    """The judgments whose document has text; queries left without any are dropped."""
+    kept = {q: {d: g for d, g in judged.items() if d in corpus} for q, judged in qrels.items()}
+    return {q: judged for q, judged in kept.items() if judged}
+
+
+def judged_without_text(qrels: Mapping[str, Mapping[str, float]], corpus: Mapping[str, str]) -> int:
+    """How many (query, document) judgments name a document without text in the corpus."""
+    return sum(d not in corpus for judged in qrels.values() for d in judged)
 
 
 # ----------------------------------------------------------------------------

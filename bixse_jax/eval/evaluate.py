@@ -6,8 +6,11 @@ sentence-transformers folder, a bixse-jax export, or a training workdir (its lat
 encoder), through bixse_jax.models.sentence_model and bixse_jax.checkpoint.
 
 Re-ranking scores each query only against its own candidate pool: a run file's retrieved
-documents, or the judged documents of the query (`judged_pool`), which is how TREC-DL 2019 is
-evaluated here, since its corpus holds only candidates and some judged passages have no text.
+documents (`run_pool`), or the judged documents of the query (`judged_pool`), which is how TREC-DL
+2019 is evaluated here, since its corpus holds only candidates. Pools hold only documents with text,
+since only those can be scored; the metrics still read the qrels as given (trec_eval's convention),
+so a judged passage without text counts in the ideal DCG and recall's denominator as one the model
+could not place.
 """
 
 from __future__ import annotations
@@ -94,9 +97,13 @@ def evaluate_retrieval(enc: TextEncoder, queries: dict[str, str], corpus: dict[s
     return metrics.evaluate_run(run, qrels, ks=tuple(ks)), run
 
 
-def judged_pool(qrels: Qrels) -> Candidates:
-    """Every query's judged documents (any grade, 0 included) as its candidate pool."""
-    return {qid: list(judged) for qid, judged in qrels.items()}
+def judged_pool(qrels: Qrels, corpus: dict[str, str]) -> Candidates:
+    """Every query's judged documents (any grade, 0 included) that have text, as its candidate pool.
+
+    Judged documents without text stay in `qrels` for the metrics (sources.judged_without_text
+    counts them); they cannot be scored, so they are left out of the pool.
+    """
+    return {qid: [d for d in judged if d in corpus] for qid, judged in qrels.items()}
 
 
 def run_pool(run: Run, corpus: dict[str, str], depth: int | None = None) -> tuple[Candidates, int]:
@@ -128,7 +135,10 @@ def rerank(enc: TextEncoder, queries: dict[str, str], corpus: dict[str, str], po
 
 def evaluate_rerank(enc: TextEncoder, queries: dict[str, str], corpus: dict[str, str], qrels: Qrels,
                     pools: Candidates, *, ks: Sequence[int] = (10, 100)) -> tuple[dict[str, float], Run]:
-    """Re-ranking of each judged query's pool: (metrics, run). Queries without a pool score 0."""
+    """Re-ranking of each judged query's pool: (metrics, run), metrics against `qrels` as given.
+
+    Queries without a pool score 0, and judged documents outside the pools count as not retrieved.
+    """
     run = rerank(enc, {q: queries[q] for q in qrels}, corpus, pools)
     out = metrics.evaluate_run(run, qrels, ks=tuple(ks))
     out["mean_pool_size"] = float(np.mean([len(s) for s in run.values()])) if run else 0.0

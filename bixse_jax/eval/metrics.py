@@ -2,9 +2,11 @@
 
 Conventions follow trec_eval so numbers are comparable with published BEIR /
 MS MARCO tables: gain = raw grade, score ties broken by doc id descending, and
-the ideal DCG built from all judged docs of the query. A query enters the mean
-iff qrels give it at least one relevant doc; such queries missing from the run
-score 0 (trec_eval -c), so a run that drops queries cannot look better.
+the ideal DCG built from all judged docs of the query (judged docs the run could
+not rank, e.g. ones without text, included). Every query the qrels judge enters
+the mean: one missing from the run scores 0 (trec_eval -c), so a run that drops
+queries cannot look better, and one with no relevant doc scores 0 as in trec_eval
+(and ir-measures, which these functions are tested against).
 """
 
 import math
@@ -26,18 +28,9 @@ def _rankings(run: Run) -> Rankings:
     }
 
 
-def _mean_over_queries(
-    rankings: Rankings,
-    qrels: Qrels,
-    per_query: PerQuery,
-    has_relevant: Callable[[dict[str, float]], bool],
-) -> float:
-    """Mean of per_query(ranking, judgements) over the qrels queries with a relevant doc."""
-    values = [
-        per_query(rankings.get(qid, []), judged)
-        for qid, judged in qrels.items()
-        if has_relevant(judged)
-    ]
+def _mean_over_queries(rankings: Rankings, qrels: Qrels, per_query: PerQuery) -> float:
+    """Mean of per_query(ranking, judgements) over the judged queries of qrels."""
+    values = [per_query(rankings.get(qid, []), judged) for qid, judged in qrels.items() if judged]
     return float(np.mean(values)) if values else 0.0
 
 
@@ -51,26 +44,19 @@ def _ndcg(rankings: Rankings, qrels: Qrels, k: int) -> float:
 
     def per_query(ranking: list[str], judged: dict[str, float]) -> float:
         gains = [max(judged.get(d, 0.0), 0.0) for d in ranking[:k]]
-        ideal = sorted((max(g, 0.0) for g in judged.values()), reverse=True)[:k]
-        return dcg(gains) / dcg(ideal)
+        ideal = dcg(sorted((max(g, 0.0) for g in judged.values()), reverse=True)[:k])
+        return dcg(gains) / ideal if ideal > 0 else 0.0
 
-    return _mean_over_queries(rankings, qrels, per_query, lambda j: any(g > 0 for g in j.values()))
-
-
-def _thresholded(
-    rankings: Rankings, qrels: Qrels, per_query: PerQuery, rel_threshold: float
-) -> float:
-    return _mean_over_queries(
-        rankings, qrels, per_query, lambda j: _n_relevant(j, rel_threshold) > 0
-    )
+    return _mean_over_queries(rankings, qrels, per_query)
 
 
 def _recall(rankings: Rankings, qrels: Qrels, k: int, rel_threshold: float) -> float:
     def per_query(ranking: list[str], judged: dict[str, float]) -> float:
+        relevant = _n_relevant(judged, rel_threshold)
         hits = sum(judged.get(d, 0.0) >= rel_threshold for d in ranking[:k])
-        return hits / _n_relevant(judged, rel_threshold)
+        return hits / relevant if relevant else 0.0
 
-    return _thresholded(rankings, qrels, per_query, rel_threshold)
+    return _mean_over_queries(rankings, qrels, per_query)
 
 
 def _mrr(rankings: Rankings, qrels: Qrels, k: int, rel_threshold: float) -> float:
@@ -80,7 +66,7 @@ def _mrr(rankings: Rankings, qrels: Qrels, k: int, rel_threshold: float) -> floa
                 return 1.0 / rank
         return 0.0
 
-    return _thresholded(rankings, qrels, per_query, rel_threshold)
+    return _mean_over_queries(rankings, qrels, per_query)
 
 
 def _map(rankings: Rankings, qrels: Qrels, rel_threshold: float) -> float:
@@ -90,15 +76,16 @@ def _map(rankings: Rankings, qrels: Qrels, rel_threshold: float) -> float:
             if judged.get(d, 0.0) >= rel_threshold:
                 hits += 1
                 total += hits / rank
-        return total / _n_relevant(judged, rel_threshold)
+        relevant = _n_relevant(judged, rel_threshold)
+        return total / relevant if relevant else 0.0
 
-    return _thresholded(rankings, qrels, per_query, rel_threshold)
+    return _mean_over_queries(rankings, qrels, per_query)
 
 
 def ndcg_at_k(run: Run, qrels: Qrels, k: int) -> float:
     """nDCG@k with gain = raw grade (grades <= 0 give no gain), discount 1/log2(rank+1).
 
-    Queries whose judged docs all have grade <= 0 have no ideal DCG and are skipped.
+    Queries whose judged docs all have grade <= 0 have no ideal DCG and score 0 (trec_eval).
     """
     return _ndcg(_rankings(run), qrels, k)
 
