@@ -65,8 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.warmup_steps = 10
     c.train.schedule = "linear"  # linear | cosine | constant
     c.train.end_lr_fraction = 0.0
-    c.train.weight_decay = 0.01
-    c.train.grad_clip_norm = 1.0
+    c.train.weight_decay = 0.01  # AdamW's, on the encoder's matrices and embeddings only
+    c.train.adam_b1 = 0.9
+    c.train.adam_b2 = 0.999
+    c.train.adam_eps = 1e-6
+    c.train.grad_clip_norm = 1.0  # encoder only, by the encoder's own gradient norm (0: off); t, b never clipped
     c.train.logit_params_lr_multiplier = 100.0  # t and b learn this much faster than the encoder
     c.train.log_every = 10
     c.train.checkpoint_every = 100  # 0: no checkpoints at all (sweeps that only want the metrics)

@@ -171,20 +171,30 @@ def _decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW after global-norm clipping; t and b get their own (larger) learning rate.
+    """AdamW in two groups: the encoder, and the logit scalars t and b at their own (larger) rate.
 
     Fine-tuning rates (~2e-5) would leave b near its init of -10 for the whole of a short run, so
     the two logit scalars step `logit_params_lr_multiplier` times faster, as a per-group rate.
+
+    `grad_clip_norm` (0: off) clips the encoder's gradients by the global norm of the encoder's
+    gradients alone. t and b are not clipped: inside one shared norm their gradients (large under
+    BiXSE, and dL/db = 0 under InfoNCE) would shrink the encoder's step by a loss-dependent factor,
+    and Adam already bounds each scalar's step to a few times its rate whatever its gradient's size.
     """
     schedule = make_schedule(cfg)
-    adamw = lambda lr: optax.adamw(lr, b1=cfg.get("adam_b1", 0.9), b2=cfg.get("adam_b2", 0.999),
-                                   eps=cfg.get("adam_eps", 1e-6), weight_decay=cfg.weight_decay, mask=_decay_mask)
-    multiplier = cfg.get("logit_params_lr_multiplier", 1.0)
+
+    def adamw(lr: optax.ScalarOrSchedule, clip_norm: float | None) -> optax.GradientTransformation:
+        clip = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+        return optax.chain(*clip, optax.adamw(lr, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+                                              weight_decay=cfg.weight_decay, mask=_decay_mask))
+
+    multiplier = cfg.logit_params_lr_multiplier
     labels = lambda params: {k: "encoder" if k == "encoder" else "logit" for k in params}
+    # Each group's transforms see only that group's leaves, so the clip's norm is the encoder's.
     per_group = optax.multi_transform(
-        {"encoder": adamw(schedule), "logit": adamw(lambda step: multiplier * schedule(step))}, labels)
-    parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm else []
-    return optax.chain(*parts, per_group), schedule
+        {"encoder": adamw(schedule, cfg.grad_clip_norm),
+         "logit": adamw(lambda step: multiplier * schedule(step), None)}, labels)
+    return per_group, schedule
 
 
 def init_state(encoder_params: dict, loss_cfg: ml_collections.ConfigDict,

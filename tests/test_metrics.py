@@ -35,7 +35,23 @@ def test_ndcg_hand_computed():
     assert metrics.ndcg_at_k(RUN, QRELS, 2) == pytest.approx(
         ((3 + 1 / LOG2_3) / (3 + 2 / LOG2_3) + 0 + 0 + 0) / 4
     )
-    assert Q1_NDCG3 == pytest.approx(0.762502, abs=1e-6)
+
+
+def test_hand_worked_values_equal_trec_eval():
+    """The per-query values written out above, against ir-measures, which shares no code with them
+    (trec_eval's C code through pytrec_eval; RR@10 through MS MARCO's script)."""
+    import ir_measures
+    from ir_measures import AP, RR, R, nDCG
+
+    theirs = {(m.query_id, str(m.measure)): m.value
+              for m in ir_measures.iter_calc([nDCG @ 2, nDCG @ 3, nDCG @ 5, R @ 3, RR @ 10, AP], QRELS, RUN)}
+    assert theirs[("q1", "nDCG@3")] == pytest.approx(Q1_NDCG3, abs=1e-12)
+    assert theirs[("q1", "nDCG@5")] == pytest.approx(Q1_NDCG5, abs=1e-12)
+    assert theirs[("q2", "nDCG@3")] == pytest.approx(Q2_NDCG3, abs=1e-12)
+    assert theirs[("q1", "nDCG@2")] == pytest.approx((3 + 1 / LOG2_3) / (3 + 2 / LOG2_3), abs=1e-12)
+    assert theirs[("q1", "R@3")] == pytest.approx(2 / 3) and theirs[("q2", "R@3")] == 1.0
+    assert theirs[("q1", "RR@10")] == 1.0 and theirs[("q2", "RR@10")] == pytest.approx(1 / 3)
+    assert theirs[("q1", "AP")] == pytest.approx((1 + 1 + 3 / 5) / 3) and theirs[("q2", "AP")] == pytest.approx(1 / 3)
 
 
 def test_recall_mrr_map_hand_computed():

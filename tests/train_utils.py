@@ -56,3 +56,37 @@ def cli_overrides(tiny_model_dir, data_path, **overrides) -> list[str]:
 def flat_params(state) -> list[np.ndarray]:
     import jax
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
+
+
+def adamw_reference(params, grads_seq, train_cfg, lrs):
+    """The parameters after len(grads_seq) AdamW steps, in float64 numpy, written from the formula.
+
+    Not optax: m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, mhat = m / (1 - b1^k),
+    vhat = v / (1 - b2^k), p -= rate * (mhat / (sqrt(vhat) + eps) + wd * p [decayed leaves only]).
+    The encoder's gradients are first scaled to at most `grad_clip_norm` by their own global norm;
+    t and b (every top-level key but "encoder") are never clipped or decayed and step at
+    `logit_params_lr_multiplier` times the rate. Decayed: the encoder's matrices and embedding
+    tables (ndim >= 2), never its biases or LayerNorm. `lrs[k]` is the schedule's rate at step k.
+    """
+    import jax
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    encoder = [path[0].key == "encoder" for path, _ in flat]
+    p = [np.asarray(x, np.float64) for _, x in flat]
+    m = [np.zeros_like(x) for x in p]
+    v = [np.zeros_like(x) for x in p]
+    b1, b2, eps, wd = train_cfg.adam_b1, train_cfg.adam_b2, train_cfg.adam_eps, train_cfg.weight_decay
+    for k, (grads, lr) in enumerate(zip(grads_seq, lrs, strict=True), start=1):
+        g = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)]
+        if train_cfg.grad_clip_norm:
+            norm = np.sqrt(sum(np.sum(gi ** 2) for gi, enc in zip(g, encoder) if enc))
+            scale = min(1.0, train_cfg.grad_clip_norm / norm)
+            g = [gi * scale if enc else gi for gi, enc in zip(g, encoder)]
+        for i, enc in enumerate(encoder):
+            m[i] = b1 * m[i] + (1 - b1) * g[i]
+            v[i] = b2 * v[i] + (1 - b2) * g[i] ** 2
+            mhat, vhat = m[i] / (1 - b1 ** k), v[i] / (1 - b2 ** k)
+            rate = lr if enc else lr * train_cfg.logit_params_lr_multiplier
+            decay = wd * p[i] if enc and p[i].ndim >= 2 else 0.0
+            p[i] = p[i] - rate * (mhat / (np.sqrt(vhat) + eps) + decay)
+    return jax.tree.unflatten(treedef, p)
