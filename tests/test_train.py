@@ -159,9 +159,10 @@ def test_failed_start_leaves_workdir_untouched(tiny_model_dir, tmp_path):
 def test_cli_train_writes_checkpoints_and_metrics(tiny_model_dir, tmp_path):
     data = _pairs_jsonl(tmp_path / "pairs.jsonl")
     workdir = tmp_path / "cli_run"
+    # train.adam_b1 is read by the optimiser: an override of it must reach the run (it once raised).
     cmd = [sys.executable, "-m", "bixse_jax.cli", "train", "--workdir", str(workdir),
            *cli_overrides(tiny_model_dir, data, **{"train.num_steps": 4, "train.log_every": 2,
-                                                   "train.checkpoint_every": 2})]
+                                                   "train.checkpoint_every": 2, "train.adam_b1": 0.95})]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -170,6 +171,7 @@ def test_cli_train_writes_checkpoints_and_metrics(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")] == [2, 4]
+    assert json.loads((workdir / "config.json").read_text())["train"]["adam_b1"] == 0.95
 
 
 def test_grad_cache_switch_trains_like_the_plain_step(tiny_model_dir, tmp_path):
