@@ -4,7 +4,7 @@
       --config.data_dir=../shared/data/scifact
 """
 
-from bixse_jax.default_config import base_config
+from bixse_jax.default_config import base_config, evaluator
 
 
 def get_config():
@@ -20,8 +20,5 @@ def get_config():
     c.train.learning_rate = 2e-5
     c.train.warmup_steps = 29
     c.train.checkpoint_every = 100
-    c.eval.kind = "beir"
-    c.eval.path = c.get_ref("data_dir")
-    c.eval.split = "test"
-    c.eval.every_steps = 100
+    c.evals.test = evaluator("beir", path=c.get_ref("data_dir"), split="test", every_steps=100)
     return c

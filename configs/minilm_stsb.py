@@ -6,7 +6,7 @@
 Symmetric sentence pairs: both sides are "queries" of 64 tokens; no instruction prefix.
 """
 
-from bixse_jax.default_config import base_config
+from bixse_jax.default_config import base_config, evaluator
 
 
 def get_config():
@@ -21,7 +21,5 @@ def get_config():
     c.train.learning_rate = 2e-5
     c.train.warmup_steps = 72
     c.train.checkpoint_every = 180
-    c.eval.kind = "sts"
-    c.eval.path = c.get_ref("data_dir") + "/sts-test.csv"
-    c.eval.every_steps = 180
+    c.evals.test = evaluator("sts", path=c.get_ref("data_dir") + "/sts-test.csv", every_steps=180)
     return c

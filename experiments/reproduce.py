@@ -70,15 +70,15 @@ class Dataset:
 DATASETS: dict[str, Dataset] = {
     "trecdl": Dataset(
         config="configs/minilm_trecdl.py", folder="trec-dl19", metric="ndcg@10", steps=100,
-        test={"eval.kind": "rerank", "eval.run_file": "qrels", "eval.path": "{data}", "eval.split": "test",
-              "eval.skip_missing_docs": True},
+        test={"evals.test.kind": "rerank", "evals.test.run_file": "qrels", "evals.test.path": "{data}",
+              "evals.test.split": "test", "evals.test.skip_missing_docs": True},
         dev=None, dev_from="scifact", folds=FOLDS),
     "stsb": Dataset(
         config="configs/minilm_stsb.py", folder="stsbenchmark", metric="spearman", steps=180,
-        test={"eval.path": "{data}/sts-test.csv"}, dev={"eval.path": "{data}/sts-dev.csv"}),
+        test={"evals.test.path": "{data}/sts-test.csv"}, dev={"evals.test.path": "{data}/sts-dev.csv"}),
     "scifact": Dataset(
         config="configs/minilm_scifact.py", folder="scifact", metric="ndcg@10", steps=90,
-        test={}, dev={"data.folds": 5, "data.fold": 0, "eval.split": "train"}),
+        test={}, dev={"data.folds": 5, "data.fold": 0, "evals.test.split": "train"}),
 }
 
 
@@ -108,7 +108,8 @@ def overrides(cell: Cell, data_root: str, model: str, steps: int | None = None) 
     out: dict[str, Any] = {"data_dir": data, "model.name_or_path": model, "seed": cell.seed,
                            "train.num_steps": n, "train.warmup_steps": max(n // 10, 1) if n else 0,
                            "train.learning_rate": cell.learning_rate, "train.checkpoint_every": 0,
-                           "data.buckets": (), "eval.every_steps": 0, "eval.before_training": False}
+                           "data.buckets": (), "evals.test.every_steps": 0,
+                           "evals.test.before_training": False}
     if cell.variant == ZERO_SHOT:  # no steps: the "after" evaluation is of the pretrained model
         out.update({"train.num_steps": 0, "train.warmup_steps": 0})
     else:
@@ -240,7 +241,7 @@ def run_cell(cell: Cell, data_root: str, model: str, workroot: str, steps: int |
         return {**record, "error": f"{type(e).__name__}: {e}", "wall_s": round(time.time() - start, 2)}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    metrics = summary["after"]
+    metrics = summary["after"]["test"]
     params = jax.device_get(state.params)
     return {**record, "metric": DATASETS[cell.dataset].metric, "value": metrics[DATASETS[cell.dataset].metric],
             "metrics": metrics, "steps": summary["steps"], "log_temperature": float(params["log_temperature"]),
