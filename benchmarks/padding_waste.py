@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", type=pathlib.Path, default=REPO.parent / "shared" / "data" / "scifact")
     p.add_argument("--model", default=MINILM, help="folder or name whose tokenizer to use")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--query-max-len", type=int, default=64, help="configs/minilm_scifact.py uses 64")
+    p.add_argument("--query-max-len", type=int, default=64, help="configs/paper/minilm.py:scifact uses 64")
     p.add_argument("--doc-max-len", type=int, default=256)
     p.add_argument("--epochs", type=int, default=20, help="epochs of train-qrels batches")
     p.add_argument("--random-batches", type=int, default=500)

@@ -37,7 +37,7 @@ CONFIG_NAME = "config.json"
 # Keys a resumed run may change: how long, how often to log/save/evaluate, and the device layout.
 RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.async_checkpoints", "train.on_nonfinite", "train.grad_cache_chunk",
-                     "data.grain_workers", "eval.", "mesh.", "model.attention_impl", "model.remat",
+                     "data.grain_workers", "evals.", "mesh.", "model.attention_impl", "model.remat",
                      "model.matmul_dtype")
 
 

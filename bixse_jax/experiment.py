@@ -1,4 +1,4 @@
-"""Config -> the objects a run needs: model, tokenizer, batcher, evaluator.
+"""Config -> the objects a run needs: model, tokenizer, batcher, evaluators.
 
 Everything here reads and validates input (model folder, data files, tokenizer) and writes
 nothing, so `train` can call it before touching the workdir.
@@ -6,15 +6,17 @@ nothing, so `train` can call it before touching the workdir.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import ml_collections
 
 from bixse_jax.data import sources
 from bixse_jax.data.batching import PairBatcher
+from bixse_jax.errors import ConfigError, UserError
 from bixse_jax.models.sentence_model import SentenceModel, load_encoder, position_limit
 
-Evaluator = Callable[[dict], dict[str, float]]
+if TYPE_CHECKING:
+    from bixse_jax.eval.registry import Scheduled
 
 
 def load_model(cfg: ml_collections.ConfigDict) -> SentenceModel:
@@ -35,7 +37,7 @@ def check_lengths(config: ml_collections.ConfigDict, model: SentenceModel) -> No
     limit = position_limit(model)
     for key in ("query_max_len", "doc_max_len"):
         if config.data[key] > limit:
-            raise ValueError(f"data.{key}={config.data[key]} exceeds the {limit} positions of "
+            raise ConfigError(f"data.{key}={config.data[key]} exceeds the {limit} positions of "
                              f"{config.model.name_or_path}; lower it")
 
 
@@ -46,20 +48,20 @@ def load_train_pairs(cfg: ml_collections.ConfigDict) -> list[sources.GradedPair]
     if cfg.kind == "demo":
         from bixse_jax.data.synthetic import make_demo_data
         return make_demo_data(seed=cfg.demo_seed).train
-    if cfg.get("folds", 0) and cfg.kind != "beir":
-        raise ValueError(f"data.folds needs data.kind='beir' (queries with ids), not {cfg.kind!r}")
+    if cfg.folds and cfg.kind != "beir":
+        raise ConfigError(f"data.folds needs data.kind='beir' (queries with ids), not {cfg.kind!r}")
     kwargs = {}
     if cfg.kind == "beir":
         kwargs = {"split": cfg.split, "max_grade": cfg.max_grade, "keep_zero": cfg.keep_zero_grades,
                   "skip_missing_docs": cfg.skip_missing_docs}
     if not cfg.path:
-        raise ValueError(f"data.kind={cfg.kind!r} needs --config.data.path=FILE_OR_FOLDER")
+        raise ConfigError(f"data.kind={cfg.kind!r} needs --config.data.path=FILE_OR_FOLDER")
     pairs = sources.load_pairs(cfg.kind, cfg.path, **kwargs)
-    if cfg.get("folds", 0):
+    if cfg.folds:
         held_out = held_out_fold(cfg)
         pairs = [p for p in pairs if p.query_id not in held_out]
         if not pairs:
-            raise ValueError(f"{cfg.path}: no training pairs left outside fold {cfg.fold} of {cfg.folds}")
+            raise UserError(f"{cfg.path}: no training pairs left outside fold {cfg.fold} of {cfg.folds}")
     return pairs
 
 
@@ -76,7 +78,7 @@ def make_batcher(config: ml_collections.ConfigDict, model: SentenceModel,
     if data.kind == "arrayrecord":  # built by `bixse-jax data build`; grain reads each process's records
         from bixse_jax.data.grain_pipeline import GrainPairBatcher
         if not data.path:
-            raise ValueError("data.kind='arrayrecord' needs --config.data.path=DATA_DIR/graded_pairs/NAME/1.0.0")
+            raise ConfigError("data.kind='arrayrecord' needs --config.data.path=DATA_DIR/graded_pairs/NAME/1.0.0")
         return GrainPairBatcher(data.path, model.tokenizer, global_batch_size=config.train.global_batch_size,
                                 query_max_len=data.query_max_len, doc_max_len=data.doc_max_len,
                                 buckets=tuple(data.buckets), seed=config.seed,
@@ -89,51 +91,12 @@ def make_batcher(config: ml_collections.ConfigDict, model: SentenceModel,
                        buckets=tuple(data.buckets), seed=config.seed, query_prefix=config.model.query_prefix)
 
 
-def make_evaluator(config: ml_collections.ConfigDict, model: SentenceModel) -> Evaluator | None:
-    """A function params -> metrics for `eval.kind` (demo / beir / rerank / sts), or None for 'none'.
+def make_evaluators(config: ml_collections.ConfigDict, model: SentenceModel) -> dict[str, Scheduled]:
+    """{NAME: Scheduled(evaluate, every_steps, before_training)} for each evaluator of `config.evals`
+    that is not switched off (kind 'none'); bixse_jax/eval/registry.py builds them by kind.
 
-    Data are read and validated here, once; each call only encodes and scores (bixse_jax.eval.evaluate).
-    `rerank` re-ranks each query's candidate pool: `eval.run_file` names a TREC run, or is 'qrels'
-    (the default) for the judged documents, as TREC-DL 2019 needs.
+    Each reads and validates its data here, once; a call only encodes and scores.
     """
-    from bixse_jax.eval import evaluate, run_files
+    from bixse_jax.eval import registry
 
-    cfg = config.eval
-    if cfg.kind == "none":
-        return None
-    enc = evaluate.TextEncoder(model.encoder, model.params, model.tokenizer,
-                               query_max_len=config.data.query_max_len, doc_max_len=config.data.doc_max_len,
-                               query_prefix=config.model.query_prefix, batch_size=cfg.batch_size)
-    if cfg.kind == "sts":
-        pairs = sources.read_sts(cfg.path)
-        return lambda params: evaluate.evaluate_sts(enc.with_params(params), pairs)
-    if cfg.kind == "demo":
-        from bixse_jax.data.synthetic import make_demo_data
-        demo = make_demo_data(seed=config.data.demo_seed)
-        queries, corpus, qrels = demo.eval_queries, demo.eval_corpus, demo.eval_qrels
-    elif cfg.kind in ("beir", "rerank"):
-        queries, corpus, qrels = sources.read_beir_eval(cfg.path, cfg.split, skip_missing_docs=cfg.skip_missing_docs)
-        if config.data.get("folds", 0):  # cross-validation: evaluate the held-out fold's queries only
-            data = config.data
-            if (str(data.path), data.split) != (str(cfg.path), cfg.split):
-                raise ValueError(f"with data.folds, eval.path/split ({cfg.path}, {cfg.split}) must be the data's "
-                                 f"({data.path}, {data.split}): the held-out fold is a part of the training split")
-            held_out = held_out_fold(data)
-            queries = {q: t for q, t in queries.items() if q in held_out}
-            qrels = {q: r for q, r in qrels.items() if q in held_out}
-            if not qrels:
-                raise ValueError(f"{cfg.path}: fold {data.fold} of {data.folds} has no judged queries")
-    else:
-        raise ValueError(f"eval.kind {cfg.kind!r} is not one of 'demo', 'beir', 'rerank', 'sts', 'none'")
-    ks = tuple(cfg.ks)
-    if cfg.kind == "rerank":
-        run_file = cfg.get("run_file", "qrels") or "qrels"
-        if run_file == "qrels":
-            pools = evaluate.judged_pool(qrels, corpus)  # judged documents with text; qrels stay whole
-        else:
-            pools, _ = evaluate.run_pool(run_files.read_run(run_file), corpus, depth=cfg.top_k)
-        return lambda params: evaluate.evaluate_rerank(enc.with_params(params), queries, corpus, qrels,
-                                                       pools, ks=ks)[0]
-    top_k = max(cfg.top_k, *ks)
-    return lambda params: evaluate.evaluate_retrieval(enc.with_params(params), queries, corpus, qrels,
-                                                      ks=ks, top_k=top_k)[0]
+    return registry.build_all(config, model)

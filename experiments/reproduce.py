@@ -4,9 +4,14 @@
   python experiments/reproduce.py --print-commands                 # the `bixse-jax train` line of each run
   python experiments/make_results.py runs/repro/results.jsonl      # docs/results.md table and plot
 
-Every run is one `bixse-jax train` command (`--print-commands` lists them); this driver executes
-the same configs in-process, in `--workers` processes that share a JAX compilation cache, because
-160-odd runs of a few seconds each would otherwise spend most of their time starting up.
+Every setting of a run (steps, batch, lengths, buckets, evaluation, the chosen learning rate) is in
+configs/paper/minilm.py, one `get_config(ARG)` per data set (ARG_dev for the selection); this driver
+only loops over it: seeds, losses (VARIANTS), TREC-DL's folds and the selection's candidate rates,
+and turns off what a sweep run does not need (checkpoints, a zero-shot evaluation per run). Every
+run is one `bixse-jax train --config configs/paper/minilm.py:ARG` command (`--print-commands`
+lists them); this driver executes the same configs in-process, in `--workers` processes that share
+a JAX compilation cache, because 160-odd runs of a few seconds each would otherwise spend most of
+their time starting up. A run's value is its config's `test` (or `dev`) evaluator's metric.
 
 Protocol (docs/results.md says why):
   (a) TREC-DL 2019, grades 0-3 as g/3: 5-fold cross-validation by query, nDCG@10 of re-ranking
@@ -18,6 +23,8 @@ SciFact, batch 32). The learning rate is chosen first, on dev data only: for eac
 split) and SciFact (fold 0 of 5 of its *train* queries, retrieval over the corpus), the rate of
 LEARNING_RATES with the best mean dev score of BiXSE and InfoNCE at seed 0. TREC-DL, whose one
 split is the cross-validation's test data, takes SciFact's rate. All losses then use that rate.
+The grid stays here, as the sweep's axis; the config keeps the rate the selection chose, so that
+running it alone gives the table's BiXSE cell.
 """
 
 from __future__ import annotations
@@ -35,8 +42,9 @@ import time
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = "configs/paper/minilm.py"  # every setting of a run; get_config(ARG) per data set
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-LEARNING_RATES = (1e-5, 3e-5, 1e-4)
+LEARNING_RATES = (1e-5, 3e-5, 1e-4)  # the selection's candidates (the config holds the chosen one)
 SEEDS = (0, 1, 2)
 FOLDS = 5
 SELECTION_VARIANTS = ("BiXSE", "InfoNCE")
@@ -56,29 +64,18 @@ ZERO_SHOT = "zero-shot"
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    config: str  # configs/*.py
     folder: str  # under --data-root
-    metric: str
-    steps: int
-    test: dict[str, Any]  # overrides for the reported evaluation
-    dev: dict[str, Any] | None  # overrides for learning-rate selection (None: take `dev_from`'s rate)
+    metric: str  # the metric of the table, as the config's evaluator reports it
+    dev: bool  # the config has an ARG_dev variant for the learning-rate selection (else: `dev_from`'s rate)
     dev_from: str | None = None
-    folds: int = 0  # > 0: cross-validation by query; `test` evaluates the held-out fold
+    folds: int = 0  # > 0: one run per held-out fold (data.fold); configs/paper sets data.folds to this
 
 
-# {data} in a value is replaced by the data set's folder.
+# Keys are the config's arguments (configs/paper/minilm.py:KEY), which hold every setting of a run.
 DATASETS: dict[str, Dataset] = {
-    "trecdl": Dataset(
-        config="configs/minilm_trecdl.py", folder="trec-dl19", metric="ndcg@10", steps=100,
-        test={"eval.kind": "rerank", "eval.run_file": "qrels", "eval.path": "{data}", "eval.split": "test",
-              "eval.skip_missing_docs": True},
-        dev=None, dev_from="scifact", folds=FOLDS),
-    "stsb": Dataset(
-        config="configs/minilm_stsb.py", folder="stsbenchmark", metric="spearman", steps=180,
-        test={"eval.path": "{data}/sts-test.csv"}, dev={"eval.path": "{data}/sts-dev.csv"}),
-    "scifact": Dataset(
-        config="configs/minilm_scifact.py", folder="scifact", metric="ndcg@10", steps=90,
-        test={}, dev={"data.folds": 5, "data.fold": 0, "eval.split": "train"}),
+    "trecdl": Dataset(folder="trec-dl19", metric="ndcg@10", dev=False, dev_from="scifact", folds=FOLDS),
+    "stsb": Dataset(folder="stsbenchmark", metric="spearman", dev=True),
+    "scifact": Dataset(folder="scifact", metric="ndcg@10", dev=True),
 }
 
 
@@ -100,25 +97,34 @@ class Cell:
         return f"{self.phase}-{self.dataset}-{variant}-lr{self.learning_rate:g}-seed{self.seed}{fold}"
 
 
+def config_arg(cell: Cell) -> str:
+    """The argument of configs/paper/minilm.py: the data set's reported runs, or its dev variant."""
+    if cell.phase == "test":
+        return cell.dataset
+    if not DATASETS[cell.dataset].dev:
+        raise ValueError(f"{cell.dataset} has no dev data; its learning rate comes from {DATASETS[cell.dataset].dev_from}")
+    return f"{cell.dataset}_dev"
+
+
+def eval_name(cell: Cell) -> str:
+    """The config's evaluator whose score is the run's value: `test`, or `dev` in the selection."""
+    return "test" if cell.phase == "test" else "dev"
+
+
 def overrides(cell: Cell, data_root: str, model: str, steps: int | None = None) -> dict[str, Any]:
-    """The `--config.KEY=VALUE` settings of a cell, in the order the command prints them."""
-    ds = DATASETS[cell.dataset]
-    data = f"{data_root}/{ds.folder}"
-    n = ds.steps if steps is None else steps
-    out: dict[str, Any] = {"data_dir": data, "model.name_or_path": model, "seed": cell.seed,
-                           "train.num_steps": n, "train.warmup_steps": max(n // 10, 1) if n else 0,
-                           "train.learning_rate": cell.learning_rate, "train.checkpoint_every": 0,
-                           "data.buckets": (), "eval.every_steps": 0, "eval.before_training": False}
+    """The `--config.KEY=VALUE` settings of a cell, in the order the command prints them: the sweep's
+    axes (seed, rate, loss, fold) and what a sweep run skips; everything else is the config's."""
+    out: dict[str, Any] = {"data_dir": f"{data_root}/{DATASETS[cell.dataset].folder}", "model.name_or_path": model,
+                           "seed": cell.seed, "train.learning_rate": cell.learning_rate,
+                           "train.checkpoint_every": 0, f"evals.{eval_name(cell)}.before_training": False}
+    if steps is not None:  # smoke tests
+        out.update({"train.num_steps": steps, "train.warmup_steps": max(steps // 10, 1) if steps else 0})
     if cell.variant == ZERO_SHOT:  # no steps: the "after" evaluation is of the pretrained model
         out.update({"train.num_steps": 0, "train.warmup_steps": 0})
     else:
         out.update(VARIANTS[cell.variant])
-    evaluation = ds.test if cell.phase == "test" else ds.dev
-    if evaluation is None:
-        raise ValueError(f"{cell.dataset} has no dev data; its learning rate comes from {ds.dev_from}")
-    out.update({k: v.format(data=data) if isinstance(v, str) else v for k, v in evaluation.items()})
     if cell.fold is not None:
-        out.update({"data.folds": ds.folds, "data.fold": cell.fold})
+        out["data.fold"] = cell.fold
     return out
 
 
@@ -131,18 +137,22 @@ def _flag_value(value: Any) -> str:
 def command(cell: Cell, data_root: str, model: str, workdir: str, steps: int | None = None) -> str:
     flags = " ".join(shlex.quote(f"--config.{k}={_flag_value(v)}")
                      for k, v in overrides(cell, data_root, model, steps).items())
-    return f"bixse-jax train --config {DATASETS[cell.dataset].config} --workdir {workdir}/{cell.name} {flags}"
+    return f"bixse-jax train --config {CONFIG}:{config_arg(cell)} --workdir {workdir}/{cell.name} {flags}"
+
+
+def load_paper_config(arg: str):
+    """configs/paper/minilm.py's get_config(arg), as `--config configs/paper/minilm.py:ARG` builds it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_minilm", ROOT / CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def build_config(cell: Cell, data_root: str, model: str, steps: int | None = None):
     """The ConfigDict that `command(cell)` would build (tests/test_reproduce.py checks they agree)."""
-    import importlib.util
-
-    path = ROOT / DATASETS[cell.dataset].config
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_paper_config(config_arg(cell))
     for key, value in overrides(cell, data_root, model, steps).items():
         *parents, leaf = key.split(".")
         node = config
@@ -153,7 +163,7 @@ def build_config(cell: Cell, data_root: str, model: str, steps: int | None = Non
 
 
 def selection_cells(datasets: list[str], lrs: tuple[float, ...]) -> list[Cell]:
-    return [Cell(d, v, 0, lr, "select") for d in datasets if DATASETS[d].dev is not None
+    return [Cell(d, v, 0, lr, "select") for d in datasets if DATASETS[d].dev
             for v in SELECTION_VARIANTS for lr in lrs]
 
 
@@ -172,7 +182,7 @@ def choose_learning_rates(results: list[dict], datasets: list[str]) -> dict[str,
     """Per data set with dev data: the rate with the best mean dev score over SELECTION_VARIANTS."""
     chosen: dict[str, float] = {}
     for d in datasets:
-        if DATASETS[d].dev is None:
+        if not DATASETS[d].dev:
             continue
         scores: dict[float, list[float]] = {}
         for r in results:
@@ -183,7 +193,7 @@ def choose_learning_rates(results: list[dict], datasets: list[str]) -> dict[str,
             raise RuntimeError(f"no complete learning-rate selection for {d}: {scores}")
         chosen[d] = max(complete, key=complete.get)
     for d in datasets:
-        if DATASETS[d].dev is None:
+        if not DATASETS[d].dev:
             source = DATASETS[d].dev_from
             if source not in chosen:
                 raise RuntimeError(f"{d} takes its learning rate from {source}, which was not selected")
@@ -240,7 +250,7 @@ def run_cell(cell: Cell, data_root: str, model: str, workroot: str, steps: int |
         return {**record, "error": f"{type(e).__name__}: {e}", "wall_s": round(time.time() - start, 2)}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    metrics = summary["after"]
+    metrics = summary["after"][eval_name(cell)]
     params = jax.device_get(state.params)
     return {**record, "metric": DATASETS[cell.dataset].metric, "value": metrics[DATASETS[cell.dataset].metric],
             "metrics": metrics, "steps": summary["steps"], "log_temperature": float(params["log_temperature"]),

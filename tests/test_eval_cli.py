@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -15,7 +16,7 @@ from bixse_jax.commands import encode as encode_cmd
 from bixse_jax.commands import eval as eval_cmd
 from bixse_jax.commands import mine as mine_cmd
 from bixse_jax.data import sources
-from bixse_jax.default_config import base_config
+from bixse_jax.default_config import base_config, evaluator
 from bixse_jax.eval import evaluate, metrics, run_files
 
 WORDS = ["protein", "cell", "gene", "virus", "brain", "heart", "drug", "trial", "mouse", "cancer",
@@ -301,6 +302,7 @@ def test_mine_writes_top_k_candidates_that_are_not_training_pairs(tiny_model_dir
 
 
 def _tiny_config(tiny_model_dir, beir_dir):
+    """A 2-step BEIR run whose evaluator `held_out` retrieves for the test split."""
     c = base_config()
     c.model.name_or_path = str(tiny_model_dir)
     c.model.dropout = 0.0
@@ -315,40 +317,63 @@ def _tiny_config(tiny_model_dir, beir_dir):
     c.train.warmup_steps = 1
     c.train.learning_rate = 1e-2
     c.train.checkpoint_every = 2
-    c.eval.path = str(beir_dir)
-    c.eval.ks = (5, 20)
+    c.evals.held_out = evaluator("beir", path=str(beir_dir), ks=(5, 20))  # qrels as given (the default)
     return c
 
 
-def test_training_evaluator_kinds_match_the_cli_functions(tiny_model_dir, tiny_enc, beir_dir, tmp_path):
+def test_training_evaluators_by_kind_match_the_cli_functions(tiny_model_dir, tiny_enc, beir_dir, tmp_path):
     from bixse_jax import experiment
 
     config = _tiny_config(tiny_model_dir, beir_dir)
     model = experiment.load_model(config.model)
-    queries, corpus, qrels = sources.read_beir_eval(beir_dir, "test")  # eval.skip_missing_docs=False: as given
+    queries, corpus, qrels = sources.read_beir_eval(beir_dir, "test")  # skip_missing_docs=False: as given
     assert "d39" in qrels["q0"] and "d39" not in corpus
-    config.eval.kind = "beir"
-    got = experiment.make_evaluator(config, model)(model.params)
+    got = experiment.make_evaluators(config, model)["held_out"].evaluate(model.params)
     assert got == pytest.approx(evaluate.evaluate_retrieval(tiny_enc, queries, corpus, qrels, ks=(5, 20), top_k=100)[0])
-    config.eval.kind = "rerank"
-    got = experiment.make_evaluator(config, model)(model.params)
+    config.evals.held_out.kind = "rerank"
+    got = experiment.make_evaluators(config, model)["held_out"].evaluate(model.params)
     pools = evaluate.judged_pool(qrels, corpus)
     assert pools["q0"] == ["d0", "d16", "d24"]  # d39 cannot be scored, but counts in the metrics
     want = evaluate.evaluate_rerank(tiny_enc, queries, corpus, qrels, pools, ks=(5, 20))[0]
     assert got == pytest.approx(want) and got["mean_pool_size"] == 3.0
-    config.eval.skip_missing_docs = True
-    skipped = experiment.make_evaluator(config, model)(model.params)
+    config.evals.held_out.skip_missing_docs = True
+    skipped = experiment.make_evaluators(config, model)["held_out"].evaluate(model.params)
     assert skipped == pytest.approx(evaluate.evaluate_rerank(
         tiny_enc, queries, corpus, sources.judged_with_text(qrels, corpus), pools, ks=(5, 20))[0])
     assert skipped["recall@5"] > got["recall@5"]
-    config.eval.skip_missing_docs = False
+    config.evals.held_out.kind, config.evals.held_out.skip_missing_docs = "beir", False
+
     run_files.write_run(tmp_path / "c.trec", {"q1": {"d1": 2.0, "d9": 1.0}, "q2": {"d2": 1.0}})
-    config.eval.run_file = str(tmp_path / "c.trec")
-    got = experiment.make_evaluator(config, model)(model.params)
-    assert got["mean_pool_size"] == 1.5 and got["recall@5"] == pytest.approx(1 / 8)  # 2 of 8 queries, half each
-    config.eval.kind = "nope"
-    with pytest.raises(ValueError, match="rerank"):
-        experiment.make_evaluator(config, model)
+    common = {"path": str(beir_dir), "skip_missing_docs": True, "ks": (5, 20)}
+    config.evals.pool = evaluator("rerank", **common)
+    config.evals.run = evaluator("rerank", run_file=str(tmp_path / "c.trec"), **common, every_steps=5)
+    config.evals.off = evaluator("none")
+    model = experiment.load_model(config.model)
+    built = experiment.make_evaluators(config, model)
+    assert list(built) == ["held_out", "pool", "run"]  # name order; kind 'none' is skipped
+    assert (built["run"].every_steps, built["run"].before_training) == (5, True)
+    got = {name: e.evaluate(model.params) for name, e in built.items()}
+    queries, corpus, qrels = sources.read_beir_eval(beir_dir, "test", skip_missing_docs=True)
+    assert got["held_out"] == pytest.approx(
+        evaluate.evaluate_retrieval(tiny_enc, queries, corpus, qrels, ks=(5, 20), top_k=100)[0])
+    want = evaluate.evaluate_rerank(tiny_enc, queries, corpus, qrels, evaluate.judged_pool(qrels, corpus),
+                                    ks=(5, 20))[0]
+    assert got["pool"] == pytest.approx(want) and got["pool"]["mean_pool_size"] == 3.0
+    assert got["run"]["mean_pool_size"] == 1.5 and got["run"]["recall@5"] == pytest.approx(1 / 8)  # 2 of 8 queries
+
+    config.evals.pool.kind = "nope"
+    with pytest.raises(ValueError, match="evals.pool.kind 'nope' is not one of .*'rerank'"):
+        experiment.make_evaluators(config, model)
+    config.evals.pool.kind = "sts"
+    with pytest.raises(ValueError, match=r"evals.pool \(sts\): needs path=STS_FILE"):
+        config.evals.pool.path = ""
+        experiment.make_evaluators(config, model)
+    del config.evals["pool"]
+    config.evals.bare = ml_collections.ConfigDict({"kind": "beir", "path": str(beir_dir), "spilt": "test"})
+    with pytest.raises(ValueError, match=r"evals.bare: keys .*'split'.* are missing and \['spilt'\] unknown"):
+        experiment.make_evaluators(config, model)
+    with pytest.raises(KeyError, match="spilt"):
+        evaluator("beir", spilt="test")
 
 
 def test_workdir_loads_the_latest_checkpoint(tiny_model_dir, beir_dir, tmp_path, capsys):
@@ -357,8 +382,9 @@ def test_workdir_loads_the_latest_checkpoint(tiny_model_dir, beir_dir, tmp_path,
     from bixse_jax import checkpoint, train
 
     config = _tiny_config(tiny_model_dir, beir_dir)
-    config.eval.kind = "none"
-    _, state = train.train(config, tmp_path / "run", show_progress=False)
+    config.evals.held_out.kind = "none"
+    summary, state = train.train(config, tmp_path / "run", show_progress=False)
+    assert "before" not in summary and "after" not in summary
     assert checkpoint.is_workdir(tmp_path / "run") and not checkpoint.is_workdir(tiny_model_dir)
     enc = evaluate.load_text_encoder(tmp_path / "run")
     for a, b in zip(jax.tree.leaves(enc.params), jax.tree.leaves(jax.device_get(state.params["encoder"]))):
@@ -383,31 +409,41 @@ def test_cross_validation_trains_on_other_folds_and_evaluates_the_held_out_one(t
     from bixse_jax.data import folds
 
     config = _tiny_config(tiny_model_dir, beir_dir)
-    config.data.split = config.eval.split = "test"
+    config.data.split = "test"
     config.data.folds, config.data.fold = 4, 1
-    config.eval.kind = "rerank"
+    config.evals.held_out.kind = "rerank"
+    config.evals.held_out.path = str(beir_dir) + "/"  # the same folder, however it is spelled
+    # Another split of the same folder is not the training split: all of its queries are scored.
+    config.evals.other = evaluator("rerank", path=str(beir_dir), split="train", skip_missing_docs=True,
+                                   ks=(5, 20), before_training=False)
     held_out = folds.held_out_queries(beir_dir, "test", 4, 1)
     assert len(held_out) == 2
     pairs = experiment.load_train_pairs(config.data)
     assert {p.query_id for p in pairs} == {f"q{i}" for i in range(8)} - held_out
 
     model = experiment.load_model(config.model)
-    got = experiment.make_evaluator(config, model)(model.params)
-    queries, corpus, qrels = sources.read_beir_eval(beir_dir, "test")
+    built = experiment.make_evaluators(config, model)
+    queries, corpus, qrels = sources.read_beir_eval(beir_dir, "test")  # held_out: qrels as given
     qrels = {q: r for q, r in qrels.items() if q in held_out}
     want = evaluate.evaluate_rerank(tiny_enc, queries, corpus, qrels, evaluate.judged_pool(qrels, corpus),
                                     ks=(5, 20))[0]
-    assert got == pytest.approx(want)
+    assert built["held_out"].evaluate(model.params) == pytest.approx(want)
+    train_q, train_corpus, train_qrels = sources.read_beir_eval(beir_dir, "train", skip_missing_docs=True)
+    assert built["other"].evaluate(model.params) == pytest.approx(evaluate.evaluate_rerank(
+        tiny_enc, train_q, train_corpus, train_qrels, evaluate.judged_pool(train_qrels, train_corpus), ks=(5, 20))[0])
 
-    config.eval.before_training = False
+    config.evals.held_out.before_training = False
+    config.evals.held_out.every_steps = 1
     config.train.checkpoint_every = 0  # a sweep's run: metrics only, nothing saved
     summary, _ = train.train(config, tmp_path / "run", show_progress=False)
-    assert "before" not in summary and set(summary["after"]) == set(want)
+    assert "before" not in summary and set(summary["after"]) == {"held_out", "other"}
+    assert set(summary["after"]["held_out"]) == set(want)
     assert not list((tmp_path / "run").glob("checkpoints/*")) and not list((tmp_path / "run").glob("[0-9]*"))
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], sorted(k for k in r if k.startswith("eval/"))) for r in logged if "eval/held_out/ndcg@5" in r]
+    assert [step for step, _ in evals] == [1, 2]  # every step, and after training
+    assert "eval/other/map" in evals[1][1] and "eval/other/map" not in evals[0][1]
 
-    config.eval.split = "train"
-    with pytest.raises(ValueError, match="must be the data's"):
-        experiment.make_evaluator(config, model)
     config.data.kind = "jsonl"
     with pytest.raises(ValueError, match="needs data.kind='beir'"):
         experiment.load_train_pairs(config.data)

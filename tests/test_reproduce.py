@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from tiny_data import tiny_data_root
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -64,6 +66,35 @@ def test_printed_command_builds_the_config_the_driver_runs(cell, monkeypatch):
                                                                                   1e-5, "select") else (0, 0))
 
 
+def test_paper_configs_hold_the_recorded_runs_settings():
+    """The settings docs/results.md's runs used (then overrides of configs/minilm_*.py in this driver)."""
+    steps = {"trecdl": 100, "stsb": 180, "scifact": 90}
+    lrs = {"trecdl": 1e-4, "stsb": 3e-5, "scifact": 1e-4}
+    lengths = {"trecdl": (32, 192), "stsb": (64, 64), "scifact": (64, 256)}
+    for arg in ("trecdl", "stsb", "scifact", "stsb_dev", "scifact_dev"):
+        c = repro.load_paper_config(arg)
+        d = arg.split("_")[0]
+        assert (c.train.num_steps, c.train.warmup_steps, c.train.learning_rate) == (steps[d], steps[d] // 10, lrs[d])
+        assert (c.data.query_max_len, c.data.doc_max_len) == lengths[d]
+        assert c.train.global_batch_size == 32 and tuple(c.data.buckets) == () and c.data.folds == (
+            repro.DATASETS[d].folds or (5 if arg == "scifact_dev" else 0))
+        assert list(c.evals) == ["dev" if arg.endswith("_dev") else "test"]
+    trec = repro.build_config(repro.Cell("trecdl", "BiXSE", 1, 1e-4, "test", fold=2), "DATA", "M").to_dict()
+    assert trec["evals"] == {"test": {"kind": "rerank", "run_file": "qrels", "path": "DATA/trec-dl19", "split": "test",
+                                      "skip_missing_docs": True, "every_steps": 0, "before_training": False,
+                                      "batch_size": 128, "top_k": 100, "ks": (10, 100)}}
+    assert trec["data"]["path"] == "DATA/trec-dl19" and trec["data"]["max_grade"] == 3.0
+    assert trec["data"]["skip_missing_docs"] and (trec["data"]["folds"], trec["data"]["fold"]) == (5, 2)
+    assert trec["train"]["checkpoint_every"] == 0 and trec["seed"] == 1
+    sts = repro.build_config(repro.Cell("stsb", "InfoNCE", 0, 1e-5, "select"), "DATA", "M")
+    assert sts.evals.dev.path == "DATA/stsbenchmark/sts-dev.csv" and sts.data.path == "DATA/stsbenchmark/sts-train.csv"
+    assert sts.loss.name == "infonce" and sts.train.learning_rate == 1e-5
+    sci = repro.build_config(repro.Cell("scifact", "BiXSE", 0, 1e-5, "select"), "DATA", "M", steps=2)
+    assert (sci.evals.dev.split, sci.train.num_steps, sci.train.warmup_steps) == ("train", 2, 1)
+    with pytest.raises(ValueError, match="takes|comes from scifact"):
+        repro.build_config(repro.Cell("trecdl", "BiXSE", 0, 1e-5, "select"), "DATA", "M")
+
+
 def test_learning_rate_selection_uses_dev_scores_only():
     rows = [{"dataset": "stsb", "phase": "select", "learning_rate": lr, "value": v}
             for lr, v in ((1e-5, 0.80), (1e-5, 0.70), (1e-4, 0.76), (1e-4, 0.76))]
@@ -74,34 +105,6 @@ def test_learning_rate_selection_uses_dev_scores_only():
                                                                                 "trecdl": 1e-5}
     with pytest.raises(RuntimeError, match="trecdl takes its learning rate from scifact"):
         repro.choose_learning_rates(rows, ["trecdl", "stsb"])
-
-
-def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _tiny_data_root(root: pathlib.Path) -> pathlib.Path:
-    """Miniature STS-B, SciFact and TREC-DL folders in the real layouts."""
-    rng = np.random.default_rng(0)
-    words = ["protein", "cell", "gene", "virus", "brain", "heart", "drug", "trial", "mouse", "cancer"]
-    sts = root / "stsbenchmark"
-    sts.mkdir(parents=True)
-    for split in ("train", "dev", "test"):
-        lines = [f"main-captions\tMSRvid\t2012test\t{i:04d}\t{rng.uniform(0, 5):.3f}\t"
-                 f"{' '.join(rng.choice(words, 4))}\t{' '.join(rng.choice(words, 5))}" for i in range(64)]
-        (sts / f"sts-{split}.csv").write_text("\n".join(lines) + "\n")
-    for name, splits, grades in (("scifact", ("train", "test"), (1,)), ("trec-dl19", ("test",), (0, 1, 2, 3))):
-        folder = root / name
-        (folder / "qrels").mkdir(parents=True)
-        _write_jsonl(folder / "corpus.jsonl", [{"_id": f"d{j}", "title": "", "text": " ".join(rng.choice(words, 6))}
-                                               for j in range(30)])
-        _write_jsonl(folder / "queries.jsonl", [{"_id": f"q{i}", "text": " ".join(rng.choice(words, 3))}
-                                                for i in range(40)])
-        for s, split in enumerate(splits):
-            rows = ["query-id\tcorpus-id\tscore"] + [f"q{i}\td{(i + k) % 30}\t{grades[k % len(grades)]}"
-                                                     for i in range(s * 20, s * 20 + 20) for k in range(4)]
-            (folder / "qrels" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-    return root
 
 
 def test_finished_runs_are_read_from_files_and_folders(tmp_path):
@@ -136,7 +139,7 @@ def tiny_model_512(tmp_path_factory, tiny_model_dir) -> pathlib.Path:
 
 
 def test_tiny_sweep_end_to_end_and_its_report(tiny_model_512, tmp_path):
-    data_root = _tiny_data_root(tmp_path / "data")
+    data_root = tiny_data_root(tmp_path / "data")
     out = tmp_path / "out"
     summary = repro.main(["--data-root", str(data_root), "--model", str(tiny_model_512), "--out", str(out),
                           "--variants", "BiXSE", "--seeds", "0", "--learning-rates", "1e-3,1e-2",

@@ -39,7 +39,6 @@ def tiny_config(tiny_model_dir, data_path, **train_overrides):
     c.train.learning_rate = 1e-3
     c.train.log_every = 3
     c.train.checkpoint_every = 6
-    c.eval.kind = "none"
     c.update_from_flattened_dict({f"train.{k}": v for k, v in train_overrides.items()})
     return c
 
@@ -49,7 +48,7 @@ def cli_overrides(tiny_model_dir, data_path, **overrides) -> list[str]:
     flat = {"model.name_or_path": tiny_model_dir, "model.dropout": 0.0, "data.kind": "jsonl",
             "data.path": data_path, "data.query_max_len": 16, "data.doc_max_len": 16,
             "train.global_batch_size": 16, "train.warmup_steps": 2, "train.learning_rate": 1e-3,
-            "eval.kind": "none", **overrides}
+            "evals.demo.kind": "none", **overrides}
     return ["--config", str(REPO / "configs" / "demo.py")] + [f"--config.{k}={v}" for k, v in flat.items()]
 
 

@@ -42,7 +42,6 @@ def run_config(model_dir: pathlib.Path, data: pathlib.Path, *, devices: int = -1
     c.train.log_every = steps
     c.train.checkpoint_every = steps
     c.train.async_checkpoints = False
-    c.eval.kind = "none"
     c.mesh.data = devices
     return c
 
