@@ -109,7 +109,7 @@ def evaluator(kind: str, **overrides) -> ml_collections.ConfigDict:
     e.path = ""  # beir / rerank: BEIR folder; sts: the CSV file; demo: unused (the generated eval set)
     e.split = "test"  # beir / rerank: qrels/SPLIT.tsv
     e.run_file = "qrels"  # rerank: a TREC run's candidates, or "qrels" for each query's judged pool
-    e.skip_missing_docs = False  # beir / rerank: judged documents without text are left out
+    e.skip_missing_docs = False  # beir / rerank: True drops judgments of documents without text (False: qrels as given, as trec_eval)
     e.every_steps = 0  # also evaluate every N steps during training (0: only before and after)
     e.before_training = True  # False: skip the evaluation of the untrained model (sweeps compute it once)
     e.batch_size = 128  # texts per encoding call

@@ -35,13 +35,13 @@ def bad_jsonl(tmp_path) -> pathlib.Path:
 
 
 def test_train_bad_data_line_is_one_line_naming_file_line_and_field(tmp_path, bad_jsonl):
-    out = _train(tmp_path, "--config.data.kind=jsonl", f"--config.data.path={bad_jsonl}", "--config.eval.kind=none")
+    out = _train(tmp_path, "--config.data.kind=jsonl", f"--config.data.path={bad_jsonl}", "--config.evals.demo.kind=none")
     assert out.returncode == 2, out.stderr
     assert out.stderr.splitlines() == [
         f'bixse-jax train: error: {bad_jsonl}:2: field "score": must be in [0, 1], got 1.7'], out.stderr
     assert not (tmp_path / "run").exists()
 
-    out = _train(tmp_path, "--config.data.kind=jsonl", f"--config.data.path={bad_jsonl}", "--config.eval.kind=none",
+    out = _train(tmp_path, "--config.data.kind=jsonl", f"--config.data.path={bad_jsonl}", "--config.evals.demo.kind=none",
                  "--verbose")
     assert out.returncode == 2
     assert "Traceback (most recent call last)" in out.stderr and "DataError" in out.stderr
