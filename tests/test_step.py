@@ -20,6 +20,7 @@ import pytest
 from bixse_jax import step
 from bixse_jax.default_config import base_config
 from bixse_jax.models.bert import EncoderConfig, init_params
+from test_targets import brute_force_targets
 from train_utils import adamw_reference
 
 TINY = dict(vocab_size=64, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
@@ -199,18 +200,6 @@ def test_frozen_logit_scalar_stays_bit_exact(frozen):
 # --- gradients of the real objective against float64 references -------------------------------
 
 
-def _numpy_targets(qids, dids, grades):
-    n = len(qids)
-    targets, labelled = np.zeros((n, n)), np.zeros((n, n), bool)
-    for i in range(n):
-        for j in range(n):
-            for k in range(n):
-                if qids[k] == qids[i] and dids[k] == dids[j]:
-                    targets[i, j] = max(targets[i, j], grades[k]) if labelled[i, j] else grades[k]
-                    labelled[i, j] = True
-    return targets, labelled
-
-
 def _numpy_loss_and_dlogits(name, z, targets, mask, threshold):
     """float64 loss and dL/dlogits, derived by hand.
 
@@ -259,7 +248,7 @@ def test_embedding_loss_gradients_match_float64_reference(name, mask_repeated):
     t, bias = np.float32(math.log(4.0)), np.float32(-1.5)
     batch = {"query_ids": jnp.asarray(qids), "doc_ids": jnp.asarray(dids), "grades": jnp.asarray(grades)}
 
-    targets, labelled = _numpy_targets(qids, dids, grades.astype(np.float64))
+    targets, labelled = brute_force_targets(qids, dids, grades.astype(np.float64))
     assert labelled.sum() > b  # off-diagonal labels exist
     repeated = np.array([np.sum(qids == x) > 1 for x in qids])
     mask = (~repeated[:, None] | labelled) if mask_repeated else np.ones((b, b), bool)

@@ -9,9 +9,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from bixse_jax.targets import graded_targets, loss_mask
 
 
-def _brute_force(q, d, g):
+def brute_force_targets(q, d, g):
+    """The target matrix by its definition, in numpy (float64 in, float64 out; float32 otherwise)."""
     b = len(q)
-    t = np.zeros((b, b), np.float32)
+    t = np.zeros((b, b), np.float64 if np.asarray(g).dtype == np.float64 else np.float32)
     lab = np.zeros((b, b), bool)
     for i in range(b):
         for j in range(b):
@@ -39,7 +40,7 @@ def test_tricky_duplicate_labels_off_diagonal_cell():
     assert bool(lab[3, 2]) and float(t[3, 2]) == 0.25  # (q3, d3) via pair 3.
     assert not bool(lab[0, 1]) and float(t[0, 1]) == 0.0
     np.testing.assert_array_equal(np.diag(np.asarray(t)), g)
-    t_ref, lab_ref = _brute_force(q, d, g)
+    t_ref, lab_ref = brute_force_targets(q, d, g)
     np.testing.assert_array_equal(np.asarray(lab), lab_ref)
     np.testing.assert_array_equal(np.asarray(t), t_ref)
 
@@ -49,7 +50,7 @@ def test_matches_brute_force_with_many_duplicates(seed):
     rng = np.random.default_rng(seed)
     q, d, g = _random_batch(rng, 12)
     t, lab = jax.jit(graded_targets)(q, d, g)
-    t_ref, lab_ref = _brute_force(q, d, g)
+    t_ref, lab_ref = brute_force_targets(q, d, g)
     assert t.dtype == jnp.float32 and lab.dtype == jnp.bool_
     np.testing.assert_array_equal(np.asarray(lab), lab_ref)
     np.testing.assert_array_equal(np.asarray(t), t_ref)
@@ -84,7 +85,7 @@ def test_sharded_jit_equals_unsharded():
     t_ref, lab_ref = graded_targets(q, d, g)
     np.testing.assert_array_equal(np.asarray(t), np.asarray(t_ref))
     np.testing.assert_array_equal(np.asarray(lab), np.asarray(lab_ref))
-    np.testing.assert_array_equal(np.asarray(lab), _brute_force(q, d, g)[1])
+    np.testing.assert_array_equal(np.asarray(lab), brute_force_targets(q, d, g)[1])
 
 
 def test_loss_mask_flag():
