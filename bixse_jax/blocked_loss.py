@@ -1,0 +1,359 @@
+"""The in-batch loss without a [B, B] matrix: row-blocked on one device, a ring over devices.
+
+The dense objective (step.objective) forms the [B, B] scores, targets, mask and their gradients
+whole: ~33 bytes a cell, 141 GB at B = 65,536. Two other ways to compute the same loss:
+
+* `blocked` (one device): rows in blocks of `loss.block_size` through `lax.map`; a block holds
+  its [block, B] logits, targets and mask, and each block body is rematerialised in the backward
+  pass (`jax.checkpoint`), so the gradient keeps no per-block residual either. A batch the block
+  does not divide is padded with rows that are masked out.
+* `ring` (a mesh): the batch is split over parallel.BATCH_AXES as everywhere; each device keeps
+  its B/n queries, and the documents (embeddings, ids, global column index) go round the ring
+  with `ppermute` inside `shard_map`, as in big_vision's chunked sigmoid loss. Each device
+  computes its [B/n, B/n] block as a shard passes and folds it into per-row statistics. The
+  gradient is a `custom_vjp` that goes round the ring once more, recomputing each block: dL/dq
+  accumulates in place and dL/dd travels with its shard and arrives home after n hops. Per-device
+  memory is O(B/n x B/n + B/n x H) plus the O(B) pair table; nothing B x B exists anywhere.
+
+Targets come from a table of the batch's (query id, doc id, grade) pairs sorted by id, not from a
+[B, B] id grid: cell (i, j) is labelled iff the table holds (query_id[i], doc_id[j]), found by a
+vectorised binary search over the table; duplicates keep the max grade (sorted first), as
+targets.graded_targets does.
+
+Losses: bixse, infonce (per-row logsumexp: whole rows when blocked, online across shards on the
+ring) and pairwise_bce (blocked only: its pairs compare cells of one row, which on the ring live on
+every device). soft_infonce and margin_mse stay dense-only. Metric outputs carry no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh, PartitionSpec as P
+
+from bixse_jax import parallel
+from bixse_jax.errors import ConfigError
+from bixse_jax.losses import _masked_log_softmax, _prepare
+
+IMPLS = ("auto", "dense", "blocked", "ring")
+BLOCKED_LOSSES = ("bixse", "infonce", "pairwise_bce")
+RING_LOSSES = ("bixse", "infonce")
+Stats = tuple[jax.Array, jax.Array, jax.Array, jax.Array]  # (positive sum, count, negative sum, count)
+
+
+def batch_shards(mesh: Mesh | None) -> int:
+    """Devices the batch is split over (1 without a mesh)."""
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in _axes(mesh))
+
+
+def _axes(mesh: Mesh) -> tuple[str, ...]:
+    return tuple(a for a in parallel.BATCH_AXES if a in mesh.axis_names)
+
+
+def check_impl(cfg: ml_collections.ConfigDict, mesh: Mesh | None) -> None:
+    """ConfigError for an impl / loss / mesh combination that cannot run."""
+    if cfg.impl not in IMPLS:
+        raise ConfigError(f"loss.impl {cfg.impl!r} is not one of {list(IMPLS)}")
+    if cfg.block_size < 1:
+        raise ConfigError(f"loss.block_size={cfg.block_size}: a row block needs at least one row")
+    supported = {"blocked": BLOCKED_LOSSES, "ring": RING_LOSSES}.get(cfg.impl)
+    if supported is not None and cfg.name not in supported:
+        raise ConfigError(f"loss.impl={cfg.impl!r} supports loss.name in {list(supported)}, not {cfg.name!r}; "
+                          "use loss.impl='dense' (or 'auto')")
+    if cfg.impl == "ring" and mesh is None:
+        raise ConfigError("loss.impl='ring' runs over a device mesh; without one use 'blocked' or 'auto'")
+
+
+def choose_impl(cfg: ml_collections.ConfigDict, mesh: Mesh | None, batch_size: int) -> str:
+    """`auto`: the ring when the batch is split over several devices (no device then holds more than
+    its [B/n, B/n] blocks), else row blocks once the batch is larger than one block; dense where the
+    loss has no other impl or one block is the whole batch anyway."""
+    check_impl(cfg, mesh)
+    if cfg.impl != "auto":
+        return cfg.impl
+    if batch_shards(mesh) > 1 and cfg.name in RING_LOSSES:
+        return "ring"
+    if batch_size > cfg.block_size and cfg.name in BLOCKED_LOSSES:
+        return "blocked"
+    return "dense"
+
+
+# --- targets from a sorted pair table ------------------------------------------------------------
+
+class PairTable(NamedTuple):
+    """The batch's pairs sorted by (query id, doc id, grade descending)."""
+    query_ids: jax.Array
+    doc_ids: jax.Array
+    grades: jax.Array
+
+
+def pair_table(query_ids: jax.Array, doc_ids: jax.Array, grades: jax.Array) -> PairTable:
+    q, d, neg = jax.lax.sort((query_ids, doc_ids, -grades.astype(jnp.float32)), num_keys=3)
+    return PairTable(q, d, -neg)
+
+
+def lookup(table: PairTable, row_query_ids: jax.Array, col_doc_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(grade [r, c] float32, labelled [r, c] bool) of every (row query, column doc) cell.
+
+    A lower-bound binary search over the table, vectorised over the cells: log2(B) gathers of
+    [r, c] indices; the first match of duplicates holds the max grade.
+    """
+    n = table.query_ids.shape[0]
+    qi, dj = row_query_ids[:, None], col_doc_ids[None, :]
+    shape = (row_query_ids.shape[0], col_doc_ids.shape[0])
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        active = lo < hi
+        mid = jnp.minimum((lo + hi) // 2, n - 1)
+        mq, md = table.query_ids[mid], table.doc_ids[mid]
+        less = (mq < qi) | ((mq == qi) & (md < dj))
+        return jnp.where(active & less, mid + 1, lo), jnp.where(active & ~less, mid, hi)
+
+    lo, _ = jax.lax.fori_loop(0, n.bit_length(), halve,
+                              (jnp.zeros(shape, jnp.int32), jnp.full(shape, n, jnp.int32)))
+    pos = jnp.minimum(lo, n - 1)
+    found = (lo < n) & (table.query_ids[pos] == qi) & (table.doc_ids[pos] == dj)
+    return jnp.where(found, table.grades[pos], 0.0), found
+
+
+def repeated_queries(table: PairTable, query_ids: jax.Array) -> jax.Array:
+    """Bool per row: its query id occurs more than once in the batch."""
+    right = jnp.searchsorted(table.query_ids, query_ids, side="right")
+    return right - jnp.searchsorted(table.query_ids, query_ids, side="left") > 1
+
+
+class Rows(NamedTuple):
+    query_ids: jax.Array  # [r]
+    index: jax.Array  # [r] global pair index
+    grades: jax.Array  # [r] the row's own pair grade (diagonal_only)
+    repeated: jax.Array  # [r] bool
+    valid: jax.Array  # [r] bool; False for padding rows
+
+
+def cells(cfg: ml_collections.ConfigDict, table: PairTable, rows: Rows, col_doc_ids: jax.Array,
+          col_index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(targets, labelled, mask) [r, c] of a block: step.batch_targets, restricted to the block."""
+    if cfg.diagonal_only:
+        labelled = rows.index[:, None] == col_index[None, :]
+        targets = jnp.where(labelled, rows.grades[:, None].astype(jnp.float32), 0.0)
+    else:
+        targets, labelled = lookup(table, rows.query_ids, col_doc_ids)
+    if cfg.binarize_threshold is not None:
+        targets = (targets >= cfg.binarize_threshold).astype(jnp.float32) * labelled
+    mask = jnp.broadcast_to(rows.valid[:, None], targets.shape)
+    if cfg.mask_unlabelled_of_repeated_queries:
+        mask = mask & (~rows.repeated[:, None] | labelled)
+    return targets, labelled, mask
+
+
+def block_stats(logits: jax.Array, targets: jax.Array, labelled: jax.Array, mask: jax.Array) -> Stats:
+    """Sums and counts of the positive_logit / negative_logit metrics over a block."""
+    positive, negative = labelled & (targets > 0) & mask, mask & ~labelled
+    total = lambda where: (jnp.sum(jnp.where(where, logits, 0.0)), jnp.sum(where.astype(jnp.float32)))
+    return total(positive) + total(negative)
+
+
+def _mean_stats(stats: Stats) -> tuple[jax.Array, jax.Array]:
+    pos, n_pos, neg, n_neg = stats
+    return pos / jnp.maximum(n_pos, 1.0), neg / jnp.maximum(n_neg, 1.0)
+
+
+# --- per-row losses over whole rows (blocked) ----------------------------------------------------
+
+def _bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    return jnp.where(logits >= 0, (1.0 - targets) * logits + jax.nn.softplus(-logits),
+                     -targets * logits + jax.nn.softplus(logits))
+
+
+def rows_bixse(cfg, logits, targets, mask):
+    """(per-row value, row included) such that the loss is sum(value of included) / #included."""
+    logits, targets, mask = _prepare(logits, targets, mask)
+    return jnp.sum(jnp.where(mask, _bce(logits, targets), 0.0), axis=-1), jnp.any(mask, axis=-1)
+
+
+def rows_infonce(cfg, logits, targets, mask):
+    logits, targets, mask = _prepare(logits, targets, mask)
+    pos = (targets >= cfg.infonce_threshold) & mask
+    n_pos = jnp.sum(pos.astype(jnp.float32), axis=-1)
+    logp = _masked_log_softmax(logits, mask)
+    return -jnp.sum(jnp.where(pos, logp, 0.0), axis=-1) / jnp.maximum(n_pos, 1.0), n_pos > 0
+
+
+def rows_pairwise_bce(cfg, logits, targets, mask):
+    """RankNet per row, the pair grid of one row cut into [B, block] column chunks."""
+    logits, targets, mask = _prepare(logits, targets, mask)
+    b = logits.shape[-1]
+    chunk = min(cfg.block_size, b)
+    pad = -b % chunk
+    split = lambda x: jnp.pad(x, (0, pad)).reshape(-1, chunk)
+
+    def row(args):
+        l, t, m = args
+
+        @jax.checkpoint
+        def over_k(acc, ks):
+            lk, tk, mk = ks
+            pairs = m[:, None] & mk[None, :] & (t[:, None] > tk[None, :])
+            vals = jax.nn.softplus(-(l[:, None] - lk[None, :]))
+            return (acc[0] + jnp.sum(jnp.where(pairs, vals, 0.0)), acc[1] + jnp.sum(pairs.astype(jnp.float32))), None
+
+        (total, n), _ = jax.lax.scan(over_k, (jnp.float32(0), jnp.float32(0)), (split(l), split(t), split(m)))
+        return total / jnp.maximum(n, 1.0), n > 0
+
+    return jax.lax.map(jax.checkpoint(row), (logits, targets, mask))
+
+
+ROW_LOSSES: dict[str, Callable] = {"bixse": rows_bixse, "infonce": rows_infonce, "pairwise_bce": rows_pairwise_bce}
+
+
+def blocked_loss(cfg: ml_collections.ConfigDict, t: jax.Array, b: jax.Array, q: jax.Array, d: jax.Array,
+                 batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(loss, positive_logit, negative_logit) over rows in blocks of cfg.block_size; one device."""
+    n = q.shape[0]
+    block = min(cfg.block_size, n)
+    num_blocks = -(-n // block)
+    table = pair_table(batch["query_ids"], batch["doc_ids"], batch["grades"])
+    rows = Rows(batch["query_ids"], jnp.arange(n, dtype=jnp.int32), batch["grades"],
+                repeated_queries(table, batch["query_ids"]), jnp.ones((n,), jnp.bool_))
+    pad = lambda x: jnp.pad(x, [(0, num_blocks * block - n)] + [(0, 0)] * (x.ndim - 1))
+    xs = jax.tree.map(lambda x: pad(x).reshape((num_blocks, block) + x.shape[1:]), (q, rows))
+    scale, col_index = jnp.exp(t), jnp.arange(n, dtype=jnp.int32)
+
+    @jax.checkpoint  # the backward pass recomputes a block instead of keeping its [block, B] residuals
+    def one_block(x):
+        q_block, block_rows = x
+        logits = scale * (q_block @ d.T) + b
+        targets, labelled, mask = cells(cfg, table, block_rows, batch["doc_ids"], col_index)
+        value, included = ROW_LOSSES[cfg.name](cfg, logits, targets, mask)
+        return value, included, jax.lax.stop_gradient(block_stats(logits, targets, labelled, mask))
+
+    values, included, stats = jax.lax.map(one_block, xs)
+    loss = jnp.sum(jnp.where(included, values, 0.0)) / jnp.maximum(jnp.sum(included.astype(jnp.float32)), 1.0)
+    return (loss,) + _mean_stats(jax.tree.map(jnp.sum, stats))
+
+
+# --- the ring ------------------------------------------------------------------------------------
+
+def _online_lse(m: jax.Array, s: jax.Array, logits: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Folds a block into per-row running (max, sum of exp(l - max)) over the masked-in cells."""
+    new_m = jnp.maximum(m, jnp.max(jnp.where(mask, logits, -jnp.inf), axis=-1))
+    safe = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
+    s = s * jnp.exp(m - safe) + jnp.sum(jnp.where(mask, jnp.exp(logits - safe[:, None]), 0.0), axis=-1)
+    return new_m, s
+
+
+def _ring_block(cfg, t, b, q, table, rows, shard):
+    """scores, logits, prepared logits, targets, labelled, mask of this device's rows x one shard."""
+    d_s, did_s, idx_s = shard[:3]
+    scores = q @ d_s.T
+    logits = jnp.exp(t) * scores + b
+    targets, labelled, mask = cells(cfg, table, rows, did_s, idx_s)
+    l, targets, mask = _prepare(logits, targets, mask)
+    return scores, logits, l, targets, labelled, mask
+
+
+def ring_loss(cfg: ml_collections.ConfigDict, mesh: Mesh, t: jax.Array, b: jax.Array, q: jax.Array,
+              d: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(loss, positive_logit, negative_logit), documents passed round the devices of the batch axes."""
+    axes, n_dev = _axes(mesh), batch_shards(mesh)
+    perm = [(i, (i + 1) % n_dev) for i in range(n_dev)]
+    hop = lambda tree: jax.tree.map(lambda x: jax.lax.ppermute(x, axes, perm), tree)
+    table = pair_table(batch["query_ids"], batch["doc_ids"], batch["grades"])
+    index = jnp.arange(q.shape[0], dtype=jnp.int32)
+    # Per-pair inputs that are not differentiated: this device's rows, its documents' ids, the table.
+    aux = ((batch["query_ids"], index, batch["grades"], repeated_queries(table, batch["query_ids"])),
+           batch["doc_ids"], tuple(table))
+    rows_spec, whole = P(axes), P()
+    aux_spec = ((rows_spec,) * 4, rows_spec, (whole,) * 3)
+    sharded = lambda fn, ins, outs: jax.shard_map(fn, mesh=mesh, in_specs=ins, out_specs=outs, check_vma=False)
+
+    def unpack(aux):
+        (qid, idx, grades, rep), did, tbl = aux
+        return Rows(qid, idx, grades, rep, jnp.ones(qid.shape, jnp.bool_)), did, PairTable(*tbl)
+
+    def forward_local(t, b, q, d, aux):
+        rows, did, table = unpack(aux)
+        zeros = jnp.zeros(rows.index.shape, jnp.float32)
+        # a: bixse row sum | infonce sum of positive logits; c: row has a cell | number of positives;
+        # m, s: online logsumexp (infonce); stats: metric sums.
+        acc0 = {"a": zeros, "c": zeros, "m": jnp.full(zeros.shape, -jnp.inf), "s": zeros,
+                "stats": (jnp.float32(0),) * 4}
+
+        def step(carry, _):
+            shard, acc = carry
+            _, logits, l, targets, labelled, mask = _ring_block(cfg, t, b, q, table, rows, shard)
+            stats = tuple(x + y for x, y in zip(acc["stats"], block_stats(logits, targets, labelled, mask)))
+            if cfg.name == "bixse":
+                acc = {**acc, "a": acc["a"] + jnp.sum(jnp.where(mask, _bce(l, targets), 0.0), axis=-1),
+                       "c": jnp.maximum(acc["c"], jnp.any(mask, axis=-1).astype(jnp.float32))}
+            else:
+                pos = (targets >= cfg.infonce_threshold) & mask
+                m, s = _online_lse(acc["m"], acc["s"], l, mask)
+                acc = {**acc, "a": acc["a"] + jnp.sum(jnp.where(pos, l, 0.0), axis=-1),
+                       "c": acc["c"] + jnp.sum(pos.astype(jnp.float32), axis=-1), "m": m, "s": s}
+            return (hop(shard), {**acc, "stats": stats}), None
+
+        (_, acc), _ = jax.lax.scan(step, ((d, did, rows.index), acc0), None, length=n_dev)
+        included = acc["c"] > 0
+        if cfg.name == "bixse":
+            per_row, lse = acc["a"], zeros
+        else:
+            lse = jnp.where(included, acc["m"] + jnp.log(acc["s"]), 0.0)
+            per_row = lse - acc["a"] / jnp.maximum(acc["c"], 1.0)
+        total = jax.lax.psum(jnp.sum(jnp.where(included, per_row, 0.0)), axes)
+        count = jax.lax.psum(jnp.sum(included.astype(jnp.float32)), axes)
+        return total / jnp.maximum(count, 1.0), jax.lax.psum(acc["stats"], axes), lse, acc["c"], count
+
+    def backward_local(t, b, q, d, aux, lse, n_pos, count, g):
+        rows, did, table = unpack(aux)
+        scale, weight = jnp.exp(t), g / jnp.maximum(count, 1.0)
+
+        def step(carry, _):
+            shard, g_q, g_t, g_b = carry
+            scores, _, l, targets, _, mask = _ring_block(cfg, t, b, q, table, rows, shard)
+            if cfg.name == "bixse":
+                g_l = jnp.where(mask, jax.nn.sigmoid(l) - targets, 0.0)
+            else:
+                pos = (targets >= cfg.infonce_threshold) & mask
+                soft = jnp.where(mask, jnp.exp(l - lse[:, None]), 0.0)
+                g_l = jnp.where((n_pos > 0)[:, None], soft - pos / jnp.maximum(n_pos, 1.0)[:, None], 0.0)
+            g_l = weight * g_l
+            g_s = scale * g_l
+            d_s, did_s, idx_s, g_d = shard
+            shard = (d_s, did_s, idx_s, g_d + g_s.T @ q)  # dL/dd travels with its documents
+            return (hop(shard), g_q + g_s @ d_s, g_t + jnp.sum(g_s * scores), g_b + jnp.sum(g_l)), None
+
+        init = ((d, did, rows.index, jnp.zeros_like(d)), jnp.zeros_like(q), jnp.float32(0), jnp.float32(0))
+        (shard, g_q, g_t, g_b), _ = jax.lax.scan(step, init, None, length=n_dev)  # n hops: g_d is home
+        return jax.lax.psum(g_t, axes), jax.lax.psum(g_b, axes), g_q, shard[3]
+
+    ins = (whole, whole, rows_spec, rows_spec, aux_spec)
+    forward = sharded(forward_local, ins, (whole, (whole,) * 4, rows_spec, rows_spec, whole))
+    backward = sharded(backward_local, ins + (rows_spec, rows_spec, whole, whole),
+                       (whole, whole, rows_spec, rows_spec))
+
+    @jax.custom_vjp
+    def loss_of(t, b, q, d, aux):
+        return forward(t, b, q, d, aux)[:2]
+
+    def fwd(t, b, q, d, aux):
+        loss, stats, lse, n_pos, count = forward(t, b, q, d, aux)
+        return (loss, stats), (t, b, q, d, aux, lse, n_pos, count)
+
+    def bwd(res, cotangent):  # the metric sums' cotangent is dropped: metrics carry no gradient
+        t, b, q, d, aux, lse, n_pos, count = res
+        g_t, g_b, g_q, g_d = backward(t, b, q, d, aux, lse, n_pos, count, cotangent[0])
+        return g_t, g_b, g_q, g_d, jax.tree.map(lambda _: None, aux)
+
+    loss_of.defvjp(fwd, bwd)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    loss, stats = loss_of(f32(t), f32(b), f32(q), f32(d), aux)
+    return (loss,) + _mean_stats(jax.lax.stop_gradient(stats))
+
+
+IMPL_FNS = {"blocked": lambda cfg, mesh, *args: blocked_loss(cfg, *args), "ring": ring_loss}
