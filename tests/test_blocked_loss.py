@@ -217,3 +217,33 @@ def test_unsupported_combinations_are_refused(cfg, mesh, words):
         step.make_objective(loss_cfg, parallel.make_mesh(mesh) if mesh else None)
     for w in words:
         assert w in str(err.value)
+
+
+# --- two processes x 4 devices -------------------------------------------------------------------
+
+def test_ring_over_two_processes_equals_dense(tmp_path):
+    """The ring's ppermute crosses the process boundary (gloo) and still gives the dense loss."""
+    import json
+    import os
+    import pathlib
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = pathlib.Path(__file__).resolve().parent
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, str(here / "two_process_ring.py"), str(port), str(i), "infonce",
+                               "mask_repeated"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    loss, metrics, grads = json.loads(outs[0][0].strip().splitlines()[-1])  # gloo also writes to stdout
+    got = ((np.float32(loss), {k: np.float32(v) for k, v in metrics.items()}),
+           ({k: np.float32(v) for k, v in grads[0].items()}, np.asarray(grads[1], np.float32),
+            np.asarray(grads[2], np.float32)))
+    _assert_equal_to(got, _dense("infonce", "mask_repeated"))
