@@ -136,7 +136,7 @@ def make_objective(loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None) -> Ca
 
 def make_loss_fn(encoder: SentenceEncoder, loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None,
                  use_dropout: bool) -> LossFn:
-    make_objective(loss_cfg, mesh)  # validates loss.name
+    make_objective(loss_cfg, mesh)  # validates loss.name, loss.impl and loss.block_size
     return functools.partial(loss_fn, encoder=encoder, use_dropout=use_dropout, loss_cfg=loss_cfg, mesh=mesh)
 
 
