@@ -248,7 +248,7 @@ def _online_lse(m: jax.Array, s: jax.Array, logits: jax.Array, mask: jax.Array) 
 
 
 def _ring_block(cfg, t, b, q, table, rows, shard):
-    """scores, logits, prepared logits, targets, labelled, mask of this device's rows x one shard."""
+    """scores, logits, prepared logits, targets, labelled, mask of some of this device's rows x one shard."""
     d_s, did_s, idx_s = shard[:3]
     scores = q @ d_s.T
     logits = jnp.exp(t) * scores + b
@@ -257,9 +257,37 @@ def _ring_block(cfg, t, b, q, table, rows, shard):
     return scores, logits, l, targets, labelled, mask
 
 
+def _fold_block(cfg, acc: dict, l, targets, mask) -> dict:
+    """Per-row accumulators after one more block of a row's cells.
+
+    a: bixse's row sum | infonce's sum of positive logits; c: the row has a cell | its number of
+    positives; m, s: infonce's online logsumexp.
+    """
+    if cfg.name == "bixse":
+        return {**acc, "a": acc["a"] + jnp.sum(jnp.where(mask, _bce(l, targets), 0.0), axis=-1),
+                "c": jnp.maximum(acc["c"], jnp.any(mask, axis=-1).astype(jnp.float32))}
+    pos = (targets >= cfg.infonce_threshold) & mask
+    m, s = _online_lse(acc["m"], acc["s"], l, mask)
+    return {"a": acc["a"] + jnp.sum(jnp.where(pos, l, 0.0), axis=-1),
+            "c": acc["c"] + jnp.sum(pos.astype(jnp.float32), axis=-1), "m": m, "s": s}
+
+
+def _grad_logits(cfg, l, targets, mask, lse, n_pos) -> jax.Array:
+    """dL/dlogits of a block, before the 1 / (included rows) factor."""
+    if cfg.name == "bixse":
+        return jnp.where(mask, jax.nn.sigmoid(l) - targets, 0.0)
+    pos = (targets >= cfg.infonce_threshold) & mask
+    soft = jnp.where(mask, jnp.exp(l - lse[:, None]), 0.0)
+    return jnp.where((n_pos > 0)[:, None], soft - pos / jnp.maximum(n_pos, 1.0)[:, None], 0.0)
+
+
 def ring_loss(cfg: ml_collections.ConfigDict, mesh: Mesh, t: jax.Array, b: jax.Array, q: jax.Array,
               d: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(loss, positive_logit, negative_logit), documents passed round the devices of the batch axes."""
+    """(loss, positive_logit, negative_logit), documents passed round the devices of the batch axes.
+
+    A device's rows meet each passing shard in chunks of loss.block_size rows (padded), so no
+    device holds more than [block_size, B/n] of any cell-wise array.
+    """
     axes, n_dev = _axes(mesh), batch_shards(mesh)
     perm = [(i, (i + 1) % n_dev) for i in range(n_dev)]
     hop = lambda tree: jax.tree.map(lambda x: jax.lax.ppermute(x, axes, perm), tree)
@@ -271,64 +299,69 @@ def ring_loss(cfg: ml_collections.ConfigDict, mesh: Mesh, t: jax.Array, b: jax.A
     rows_spec, whole = P(axes), P()
     aux_spec = ((rows_spec,) * 4, rows_spec, (whole,) * 3)
     sharded = lambda fn, ins, outs: jax.shard_map(fn, mesh=mesh, in_specs=ins, out_specs=outs, check_vma=False)
+    local = q.shape[0] // n_dev
+    chunk = min(cfg.block_size, local)
+    num_chunks = -(-local // chunk)
+    split = lambda x: jnp.pad(x, [(0, num_chunks * chunk - local)] + [(0, 0)] * (x.ndim - 1)).reshape(
+        (num_chunks, chunk) + x.shape[1:])  # this device's rows -> [chunks, chunk, ...], padding invalid
+    merge = lambda x: x.reshape((num_chunks * chunk,) + x.shape[2:])[:local]
 
-    def unpack(aux):
+    def unpack(q, aux):
         (qid, idx, grades, rep), did, tbl = aux
-        return Rows(qid, idx, grades, rep, jnp.ones(qid.shape, jnp.bool_)), did, PairTable(*tbl)
+        rows = Rows(qid, idx, grades, rep, jnp.ones(qid.shape, jnp.bool_))
+        return split(q), jax.tree.map(split, rows), did, PairTable(*tbl)
 
     def forward_local(t, b, q, d, aux):
-        rows, did, table = unpack(aux)
-        zeros = jnp.zeros(rows.index.shape, jnp.float32)
-        # a: bixse row sum | infonce sum of positive logits; c: row has a cell | number of positives;
-        # m, s: online logsumexp (infonce); stats: metric sums.
-        acc0 = {"a": zeros, "c": zeros, "m": jnp.full(zeros.shape, -jnp.inf), "s": zeros,
-                "stats": (jnp.float32(0),) * 4}
+        q_chunks, row_chunks, did, table = unpack(q, aux)
+        zeros = jnp.zeros((num_chunks, chunk), jnp.float32)
+        acc0 = {"a": zeros, "c": zeros, "m": jnp.full(zeros.shape, -jnp.inf), "s": zeros}
 
         def step(carry, _):
-            shard, acc = carry
-            _, logits, l, targets, labelled, mask = _ring_block(cfg, t, b, q, table, rows, shard)
-            stats = tuple(x + y for x, y in zip(acc["stats"], block_stats(logits, targets, labelled, mask)))
-            if cfg.name == "bixse":
-                acc = {**acc, "a": acc["a"] + jnp.sum(jnp.where(mask, _bce(l, targets), 0.0), axis=-1),
-                       "c": jnp.maximum(acc["c"], jnp.any(mask, axis=-1).astype(jnp.float32))}
-            else:
-                pos = (targets >= cfg.infonce_threshold) & mask
-                m, s = _online_lse(acc["m"], acc["s"], l, mask)
-                acc = {**acc, "a": acc["a"] + jnp.sum(jnp.where(pos, l, 0.0), axis=-1),
-                       "c": acc["c"] + jnp.sum(pos.astype(jnp.float32), axis=-1), "m": m, "s": s}
-            return (hop(shard), {**acc, "stats": stats}), None
+            shard, acc, stats = carry
 
-        (_, acc), _ = jax.lax.scan(step, ((d, did, rows.index), acc0), None, length=n_dev)
+            def one_chunk(stats, x):
+                q_c, rows_c, acc_c = x
+                _, logits, l, targets, labelled, mask = _ring_block(cfg, t, b, q_c, table, rows_c, shard)
+                stats = tuple(x + y for x, y in zip(stats, block_stats(logits, targets, labelled, mask)))
+                return stats, _fold_block(cfg, acc_c, l, targets, mask)
+
+            stats, acc = jax.lax.scan(one_chunk, stats, (q_chunks, row_chunks, acc))
+            return (hop(shard), acc, stats), None
+
+        init = ((d, did, aux[0][1]), acc0, (jnp.float32(0),) * 4)
+        (_, acc, stats), _ = jax.lax.scan(step, init, None, length=n_dev)
+        acc = jax.tree.map(merge, acc)
         included = acc["c"] > 0
         if cfg.name == "bixse":
-            per_row, lse = acc["a"], zeros
+            per_row, lse = acc["a"], jnp.zeros_like(acc["a"])
         else:
             lse = jnp.where(included, acc["m"] + jnp.log(acc["s"]), 0.0)
             per_row = lse - acc["a"] / jnp.maximum(acc["c"], 1.0)
         total = jax.lax.psum(jnp.sum(jnp.where(included, per_row, 0.0)), axes)
         count = jax.lax.psum(jnp.sum(included.astype(jnp.float32)), axes)
-        return total / jnp.maximum(count, 1.0), jax.lax.psum(acc["stats"], axes), lse, acc["c"], count
+        return total / jnp.maximum(count, 1.0), jax.lax.psum(stats, axes), lse, acc["c"], count
 
     def backward_local(t, b, q, d, aux, lse, n_pos, count, g):
-        rows, did, table = unpack(aux)
+        q_chunks, row_chunks, did, table = unpack(q, aux)
         scale, weight = jnp.exp(t), g / jnp.maximum(count, 1.0)
 
         def step(carry, _):
             shard, g_q, g_t, g_b = carry
-            scores, _, l, targets, _, mask = _ring_block(cfg, t, b, q, table, rows, shard)
-            if cfg.name == "bixse":
-                g_l = jnp.where(mask, jax.nn.sigmoid(l) - targets, 0.0)
-            else:
-                pos = (targets >= cfg.infonce_threshold) & mask
-                soft = jnp.where(mask, jnp.exp(l - lse[:, None]), 0.0)
-                g_l = jnp.where((n_pos > 0)[:, None], soft - pos / jnp.maximum(n_pos, 1.0)[:, None], 0.0)
-            g_l = weight * g_l
-            g_s = scale * g_l
-            d_s, did_s, idx_s, g_d = shard
-            shard = (d_s, did_s, idx_s, g_d + g_s.T @ q)  # dL/dd travels with its documents
-            return (hop(shard), g_q + g_s @ d_s, g_t + jnp.sum(g_s * scores), g_b + jnp.sum(g_l)), None
 
-        init = ((d, did, rows.index, jnp.zeros_like(d)), jnp.zeros_like(q), jnp.float32(0), jnp.float32(0))
+            def one_chunk(acc, x):
+                g_d, g_t, g_b = acc
+                q_c, rows_c, lse_c, n_pos_c = x
+                scores, _, l, targets, _, mask = _ring_block(cfg, t, b, q_c, table, rows_c, shard)
+                g_l = weight * _grad_logits(cfg, l, targets, mask, lse_c, n_pos_c)
+                g_s = scale * g_l
+                return (g_d + g_s.T @ q_c, g_t + jnp.sum(g_s * scores), g_b + jnp.sum(g_l)), g_s @ shard[0]
+
+            (g_d, g_t, g_b), g_q_chunks = jax.lax.scan(one_chunk, (shard[3], g_t, g_b),
+                                                       (q_chunks, row_chunks, split(lse), split(n_pos)))
+            shard = shard[:3] + (g_d,)  # dL/dd travels with its documents
+            return (hop(shard), g_q + merge(g_q_chunks), g_t, g_b), None
+
+        init = ((d, did, aux[0][1], jnp.zeros_like(d)), jnp.zeros_like(q), jnp.float32(0), jnp.float32(0))
         (shard, g_q, g_t, g_b), _ = jax.lax.scan(step, init, None, length=n_dev)  # n hops: g_d is home
         return jax.lax.psum(g_t, axes), jax.lax.psum(g_b, axes), g_q, shard[3]
 
