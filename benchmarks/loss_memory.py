@@ -57,7 +57,7 @@ def measure(devices: int, impl: str, batch: int, loss: str, block_size: int) -> 
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
     return {"devices": devices, "impl": impl, "B": batch, "H": H, "loss": loss,
-            "block_size": block_size if impl == "blocked" else None,
+            "block_size": block_size if impl in ("blocked", "ring") else None,
             "temp_bytes": mem.temp_size_in_bytes, "argument_bytes": mem.argument_size_in_bytes,
             "output_bytes": mem.output_size_in_bytes,
             "total_bytes": mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes

@@ -1,7 +1,8 @@
 """The in-batch loss without a [B, B] matrix: row-blocked on one device, a ring over devices.
 
 The dense objective (step.objective) forms the [B, B] scores, targets, mask and their gradients
-whole: ~33 bytes a cell, 141 GB at B = 65,536. Two other ways to compute the same loss:
+whole: XLA plans ~21 bytes a cell for the loss and its gradient alone, 91 GB at B = 65,536
+(docs/benchmarks.md). Two other ways to compute the same loss:
 
 * `blocked` (one device): rows in blocks of `loss.block_size` through `lax.map`; a block holds
   its [block, B] logits, targets and mask, and each block body is rematerialised in the backward
@@ -9,11 +10,12 @@ whole: ~33 bytes a cell, 141 GB at B = 65,536. Two other ways to compute the sam
   does not divide is padded with rows that are masked out.
 * `ring` (a mesh): the batch is split over parallel.BATCH_AXES as everywhere; each device keeps
   its B/n queries, and the documents (embeddings, ids, global column index) go round the ring
-  with `ppermute` inside `shard_map`, as in big_vision's chunked sigmoid loss. Each device
-  computes its [B/n, B/n] block as a shard passes and folds it into per-row statistics. The
-  gradient is a `custom_vjp` that goes round the ring once more, recomputing each block: dL/dq
-  accumulates in place and dL/dd travels with its shard and arrives home after n hops. Per-device
-  memory is O(B/n x B/n + B/n x H) plus the O(B) pair table; nothing B x B exists anywhere.
+  with `ppermute` inside `shard_map`, as in big_vision's chunked sigmoid loss. As a shard passes,
+  the device's rows meet it in chunks of `loss.block_size` rows, each [chunk, B/n] block folded
+  into per-row statistics. The gradient is a `custom_vjp` that goes round the ring once more,
+  recomputing each block: dL/dq accumulates in place and dL/dd travels with its shard and arrives
+  home after n hops. Per-device memory is O(min(block, B/n) x B/n + B/n x H) plus the O(B) pair
+  table; nothing B x B exists anywhere, and no all-gather of the embeddings.
 
 Targets come from a table of the batch's (query id, doc id, grade) pairs sorted by id, not from a
 [B, B] id grid: cell (i, j) is labelled iff the table holds (query_id[i], doc_id[j]), found by a
@@ -21,8 +23,9 @@ vectorised binary search over the table; duplicates keep the max grade (sorted f
 targets.graded_targets does.
 
 Losses: bixse, infonce (per-row logsumexp: whole rows when blocked, online across shards on the
-ring) and pairwise_bce (blocked only: its pairs compare cells of one row, which on the ring live on
-every device). soft_infonce and margin_mse stay dense-only. Metric outputs carry no gradient.
+ring) and pairwise_bce (blocked only, its pair grid per row in [B, block] chunks: its pairs compare
+cells of one row, which on the ring live on every device; a ring would need every pair of shards
+to meet, so it is refused there). soft_infonce and margin_mse stay dense-only. Metric outputs carry no gradient.
 """
 
 from __future__ import annotations

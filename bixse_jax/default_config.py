@@ -61,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
     # one device; ring: documents passed round the batch's devices. auto: ring on a mesh of several
     # devices, blocked when the batch exceeds one block, else dense (and dense for losses without the others).
     c.loss.impl = "auto"  # auto | dense | blocked | ring
-    c.loss.block_size = 1024  # blocked: rows per block (any size; the last block is padded)
+    c.loss.block_size = 1024  # rows per block (blocked) or per chunk of a device's rows (ring); any size, padded
 
     c.train = ml_collections.ConfigDict()
     c.train.global_batch_size = 32
