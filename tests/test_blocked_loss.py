@@ -155,6 +155,7 @@ def test_no_b_by_b_array_in_the_gradient(impl, devices):
         assert (B, B) in big
     else:
         assert not big, big
+        assert {"blocked": (8, B), "ring": (B // 8, B // 8)}[impl] in shapes  # the scan saw inside the blocks
 
 
 # --- gradient caching with the ring --------------------------------------------------------------
