@@ -58,6 +58,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.diagonal_only = False  # ablation: only pair i labels cell (i, i)
     c.loss.binarize_threshold = ml_collections.FieldReference(None, field_type=float)  # ablation
     c.loss.mask_unlabelled_of_repeated_queries = False
+    # How the loss is computed (blocked_loss.py): dense [B, B]; blocked: rows in blocks of block_size on
+    # one device; ring: documents passed round the batch's devices. auto: ring on a mesh of several
+    # devices, blocked when the batch exceeds one block, else dense (and dense for losses without the others).
+    c.loss.impl = "auto"  # auto | dense | blocked | ring
+    c.loss.block_size = 1024  # rows per block (blocked) or per chunk of a device's rows (ring); any size, padded
 
     c.train = ml_collections.ConfigDict()
     c.train.global_batch_size = 32

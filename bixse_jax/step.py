@@ -23,7 +23,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bixse_jax import parallel
+from bixse_jax import blocked_loss, parallel
 from bixse_jax.errors import ConfigError
 from bixse_jax.losses import LOSSES
 from bixse_jax.models.encoder import SentenceEncoder
@@ -61,13 +61,19 @@ def objective(params: dict, q: jax.Array, d: jax.Array, batch: Batch, *, loss_cf
     """(params, [B, H] queries, [B, H] documents, batch) -> (loss, metrics) over the global batch.
 
     Apart from the encoder so that gradient caching can differentiate it with respect to the
-    embeddings and t, b alone.
+    embeddings and t, b alone. `loss.impl` picks how: dense (below), or without any [B, B] matrix,
+    row-blocked or as a ring over the devices (blocked_loss.py); all three give the same loss.
     """
+    t = params["log_temperature"] if loss_cfg.learn_temperature else jax.lax.stop_gradient(params["log_temperature"])
+    b = params["bias"] if loss_cfg.learn_bias else jax.lax.stop_gradient(params["bias"])
+    impl = blocked_loss.choose_impl(loss_cfg, mesh, q.shape[0])
+    if impl != "dense":
+        loss, positive, negative = blocked_loss.IMPL_FNS[impl](loss_cfg, mesh, t, b, q, d, batch)
+        return loss, {"loss": loss, "log_temperature": t, "bias": b,
+                      "positive_logit": positive, "negative_logit": negative}
     scores = q @ d.T  # [B, B]: every query against every document of the global batch
     if mesh is not None:
         scores = jax.lax.with_sharding_constraint(scores, NamedSharding(mesh, P(parallel.BATCH_AXES, None)))
-    t = params["log_temperature"] if loss_cfg.learn_temperature else jax.lax.stop_gradient(params["log_temperature"])
-    b = params["bias"] if loss_cfg.learn_bias else jax.lax.stop_gradient(params["bias"])
     logits = jnp.exp(t) * scores + b
     targets, labelled, mask = batch_targets(batch, loss_cfg)
     extra = {"threshold": loss_cfg.infonce_threshold} if loss_cfg.name == "infonce" else {}
@@ -124,12 +130,13 @@ def make_objective(loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None) -> Ca
     """`objective` bound to a loss config: (params, q, d, batch) -> (loss, metrics)."""
     if loss_cfg.name not in LOSSES:
         raise ConfigError(f"loss.name {loss_cfg.name!r} is not one of {sorted(LOSSES)}")
+    blocked_loss.check_impl(loss_cfg, mesh)
     return functools.partial(objective, loss_cfg=loss_cfg, mesh=mesh)
 
 
 def make_loss_fn(encoder: SentenceEncoder, loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None,
                  use_dropout: bool) -> LossFn:
-    make_objective(loss_cfg, mesh)  # validates loss.name
+    make_objective(loss_cfg, mesh)  # validates loss.name, loss.impl and loss.block_size
     return functools.partial(loss_fn, encoder=encoder, use_dropout=use_dropout, loss_cfg=loss_cfg, mesh=mesh)
 
 

@@ -20,6 +20,7 @@ STAGES = [
     ("config", ("bixse_jax.default_config",)),
     ("models", ("bixse_jax.models.",)),
     ("targets and losses", ("bixse_jax.targets", "bixse_jax.losses")),
+    ("blocked loss", ("bixse_jax.blocked_loss",)),
     ("step", ("bixse_jax.step",)),
     ("grad_cache", ("bixse_jax.grad_cache",)),
     ("checkpoint", ("bixse_jax.checkpoint",)),
