@@ -211,3 +211,52 @@ def test_unsupported_folders_fail_in_one_line_naming_the_choices(tmp_path):
                                                       "num_attention_heads": 4}))
     with pytest.raises(hf_io.ModelLoadError, match="model.bidirectional is for decoder models"):
         hf_io.load_pretrained(tmp_path, bidirectional=True)
+
+
+WORDS = ["red", "blue", "cat", "dog", "runs", "sleeps", "fast", "slow", "big", "small", "question"]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny Llama as transformers writes it, with a word-level tokenizer that adds <s> (as Llama 3's
+    adds its BOS) and has no pad token (as most decoders' do not)."""
+    import tokenizers
+    out = tmp_path_factory.mktemp("tiny_llama")
+    _write_model("llama", out)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+def test_plain_decoder_folder_loads_as_last_token_normalised_encoder(tiny_llama_dir):
+    from bixse_jax.models.sentence_model import load_encoder
+    model = load_encoder(tiny_llama_dir)
+    assert (model.encoder.pooling, model.encoder.normalize) == ("last", True)
+    assert model.tokenizer.pad_id == 2  # no pad token: config.json's pad_token_id, else its eos_token_id
+    assert model.tokenizer.encode(["red cat runs"], 8)[0].tolist() == [1, 3, 5, 7]
+    eos = load_encoder(tiny_llama_dir, append_eos=True)
+    assert eos.tokenizer.encode(["red cat runs"], 8)[0].tolist() == [1, 3, 5, 7, 2]
+    assert eos.tokenizer.encode(["red cat runs"], 3)[0].tolist() == [1, 3, 2]  # truncation keeps room for eos
+
+
+def test_cli_trains_a_decoder_with_fsdp(tiny_llama_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from train_utils import cli_overrides, pairs_jsonl
+    data = pairs_jsonl(tmp_path / "pairs.jsonl")
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "bixse_jax.cli", "train", "--workdir", str(workdir),
+           *cli_overrides(tiny_llama_dir, data, **{"train.num_steps": 2, "train.log_every": 1,
+                                                   "train.checkpoint_every": 2, "mesh.fsdp": 2,
+                                                   "model.append_eos": True})]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout[out.stdout.index("{"):])["steps"] == 2
+    losses = [json.loads(line)["loss"] for line in open(workdir / "metrics.jsonl")]
+    assert len(losses) == 2 and all(np.isfinite(losses)), losses
