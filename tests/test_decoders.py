@@ -260,3 +260,16 @@ def test_cli_trains_a_decoder_with_fsdp(tiny_llama_dir, tmp_path):
     assert json.loads(out.stdout[out.stdout.index("{"):])["steps"] == 2
     losses = [json.loads(line)["loss"] for line in open(workdir / "metrics.jsonl")]
     assert len(losses) == 2 and all(np.isfinite(losses)), losses
+
+
+def test_xla_attention_remat_and_bfloat16_agree_with_the_default(tmp_path):
+    _write_model("qwen3", tmp_path)
+    config, params, _ = hf_io.load_pretrained(tmp_path)
+    ids, mask = _batch(_texts(), "left")
+    real = mask == 1
+    ref = _hidden(config, params, ids, mask)[real]
+    for variant in (dict(attention_impl="xla"), dict(remat="full")):
+        got = _hidden(dataclasses.replace(config, **variant), params, ids, mask)[real]
+        np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=str(variant))
+    half = _hidden(dataclasses.replace(config, dtype="bfloat16"), params, ids, mask)[real].astype(np.float32)
+    assert np.abs(half - ref).max() <= 0.1 * np.abs(ref).max()
