@@ -61,12 +61,16 @@ class SentenceSettings:
 
 
 def resolve_model_dir(name_or_path: str | pathlib.Path) -> pathlib.Path:
-    """A local folder as is; otherwise a hub name, fetched only if huggingface_hub can reach it."""
+    """A local folder as is; a .gguf file as a folder converted from it (gguf_io.py); otherwise a hub
+    name, fetched only if huggingface_hub can reach it."""
     path = pathlib.Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if path.is_file() and path.suffix == ".gguf":  # llama.cpp's format: converted once to a cached folder
+        from bixse_jax.models import gguf_io
+        return gguf_io.resolve(path)
     if path.exists():
-        raise ModelLoadError(f"{path}: is a file, expected a model folder with config.json")
+        raise ModelLoadError(f"{path}: is a file, expected a model folder with config.json (or a .gguf file)")
     if str(name_or_path) in _OFFLINE_PACKAGES:
         module_name, function = _OFFLINE_PACKAGES[str(name_or_path)]
         try:
