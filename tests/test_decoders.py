@@ -273,3 +273,14 @@ def test_xla_attention_remat_and_bfloat16_agree_with_the_default(tmp_path):
         np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=str(variant))
     half = _hidden(dataclasses.replace(config, dtype="bfloat16"), params, ids, mask)[real].astype(np.float32)
     assert np.abs(half - ref).max() <= 0.1 * np.abs(ref).max()
+
+
+def test_transformers_4_rope_scaling_reads_like_transformers_5_rope_parameters():
+    base = {k: v for k, v in TINY.items() if k != "bos_token_id"} | {"model_type": "llama"}
+    scaling = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    v4 = architectures.config_from_hf(base | {"rope_theta": 5e5, "rope_scaling": scaling})
+    v5 = architectures.config_from_hf(base | {"rope_parameters": {**LLAMA3_ROPE, "rope_theta": 5e5}})
+    assert v4 == v5 and v4.rope_type == "llama3" and v4.rope_theta == 5e5
+    old_style = architectures.config_from_hf(base | {"rope_theta": 5e5, "rope_scaling": {
+        "type": "llama3", **{k: v for k, v in scaling.items() if k != "rope_type"}}})
+    assert old_style == v5

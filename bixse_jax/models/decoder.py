@@ -135,7 +135,7 @@ class DecoderConfig:
         params = dict(hf.get("rope_parameters") or {})
         if not params:
             params = dict(hf.get("rope_scaling") or {})
-            params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+            params["rope_theta"] = hf.get("rope_theta") or 10000.0
         kwargs["rope_theta"] = float(params.get("rope_theta", 10000.0))
         kwargs["rope_type"] = params.get("rope_type", params.get("type", "default"))
         if kwargs["rope_type"] == "llama3":
