@@ -260,6 +260,12 @@ def test_cli_trains_a_decoder_with_fsdp(tiny_llama_dir, tmp_path):
     assert json.loads(out.stdout[out.stdout.index("{"):])["steps"] == 2
     losses = [json.loads(line)["loss"] for line in open(workdir / "metrics.jsonl")]
     assert len(losses) == 2 and all(np.isfinite(losses)), losses
+    from bixse_jax import checkpoint
+    trained = checkpoint.restore_model(workdir)  # the run's decoder, with its settings
+    assert (trained.config.model_type, trained.encoder.pooling, trained.tokenizer.append_id) == ("llama", "last", 2)
+    base = hf_io.load_pretrained(tiny_llama_dir)[1]
+    moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(base))]
+    assert max(moved) > 0
 
 
 def test_xla_attention_remat_and_bfloat16_agree_with_the_default(tmp_path):
