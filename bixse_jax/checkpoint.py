@@ -30,7 +30,7 @@ from etils import epath
 from flax import traverse_util
 
 from bixse_jax.errors import UserError
-from bixse_jax.models.bert import param_shapes
+from bixse_jax.models.architectures import param_shapes
 from bixse_jax.models.sentence_model import SentenceModel, load_encoder
 
 CONFIG_NAME = "config.json"
@@ -168,7 +168,9 @@ def restore_model(workdir: str | os.PathLike, step: int | None = None) -> Senten
     model_cfg = cfg["model"]
     try:
         base = load_encoder(model_cfg["name_or_path"], pooling=model_cfg.get("pooling"),
-                            normalize=model_cfg.get("normalize"), query_prompt=model_cfg.get("query_prefix") or "")
+                            normalize=model_cfg.get("normalize"), query_prompt=model_cfg.get("query_prefix") or "",
+                            append_eos=bool(model_cfg.get("append_eos")),
+                            **({"bidirectional": True} if model_cfg.get("bidirectional") else {}))
     except (UserError, FileNotFoundError) as e:
         raise CheckpointError(f"{root / 'config.json'}: the run's base model (model.name_or_path) cannot be "
                           f"loaded: {e}") from e

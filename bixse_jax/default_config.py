@@ -29,6 +29,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype; params stay float32
     c.model.matmul_dtype = ml_collections.FieldReference(None, field_type=str)  # None: dtype; or bfloat16
     c.model.remat = "none"  # none | full | dots
+    c.model.bidirectional = False  # decoders (llama, qwen2, qwen3): attention without the causal mask
+    c.model.append_eos = False  # decoders: put eos after every text (last-token pooling, no eos added)
     c.model.attention_impl = ml_collections.FieldReference(None, field_type=str)  # bert.ATTENTION_IMPLS
     c.model.dropout = ml_collections.FieldReference(None, field_type=float)  # None: the HF config's
 

@@ -27,7 +27,8 @@ BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over every device of t
 
 # Logical name of each parameter dimension -> mesh axis (None: not split). `embed` is the
 # model width, present in every matrix, so splitting it shards every matrix and embedding table.
-DEFAULT_LOGICAL_AXIS_RULES = (("embed", FSDP_AXIS), ("vocab", None), ("mlp", None), ("heads", None))
+DEFAULT_LOGICAL_AXIS_RULES = (("embed", FSDP_AXIS), ("vocab", None), ("mlp", None), ("heads", None),
+                              ("kv_heads", None), ("head_dim", None))
 
 
 def make_mesh(data_parallelism: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -90,7 +91,9 @@ def check_batch_split(global_batch_size: int, mesh: Mesh) -> None:
 
 
 def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
-    """Logical names of an encoder parameter's dimensions, from its HF Flax path."""
+    """Logical names of a BERT-family parameter's dimensions, guessed from its HF Flax path.
+
+    Decoder modules (models/decoder.py) name their axes themselves; see `param_shardings`."""
     leaf, parent = path[-1], path[-2] if len(path) > 1 else ""
     if leaf == "embedding":
         return ("vocab", "embed")
@@ -126,12 +129,28 @@ def _spec(axes: tuple[str | None, ...], shape: tuple[int, ...], rules: Sequence[
 
 
 def param_shardings(params: Any, mesh: Mesh,
-                    rules: Sequence[tuple[str, str | None]] = DEFAULT_LOGICAL_AXIS_RULES) -> Any:
-    """NamedSharding for every leaf of {"encoder": ..., scalars}; scalars are replicated."""
+                    rules: Sequence[tuple[str, str | None]] = DEFAULT_LOGICAL_AXIS_RULES,
+                    encoder_axes: Any = None) -> Any:
+    """NamedSharding for every leaf of {"encoder": ..., scalars}; scalars are replicated.
+
+    `encoder_axes`: the encoder tree's logical axis names as its module declares them (a tree of
+    tuples, `SentenceEncoder.param_axes()`); None guesses them from BERT's parameter paths.
+    """
+    declared = {}
+    if encoder_axes is not None:
+        declared = {tuple(str(getattr(p, "key", p)) for p in path): axes for path, axes in
+                    jax.tree_util.tree_flatten_with_path(encoder_axes, is_leaf=lambda x: isinstance(x, tuple))[0]}
+
     def sharding(path, leaf) -> NamedSharding:
         names = tuple(str(getattr(p, "key", p)) for p in path)
         shape = tuple(np.shape(leaf))
         if names[0] != "encoder" or not shape:
             return replicated(mesh)
-        return NamedSharding(mesh, _spec(logical_axes(names, len(shape)), shape, rules, mesh))
+        if encoder_axes is not None:
+            if names[1:] not in declared:
+                raise ConfigError(f"parameter {'/'.join(names[1:])} has no logical axes in its module")
+            axes = declared[names[1:]]
+        else:
+            axes = logical_axes(names, len(shape))
+        return NamedSharding(mesh, _spec(axes, shape, rules, mesh))
     return jax.tree_util.tree_map_with_path(sharding, params)

@@ -214,11 +214,13 @@ def init_state(encoder_params: dict, loss_cfg: ml_collections.ConfigDict,
 
 
 def init_sharded_state(encoder_params: dict, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-                       mesh: Mesh) -> TrainState:
-    """The initial state laid out on the mesh: params by the logical axis rules, optimiser alike."""
+                       mesh: Mesh, encoder_axes: Any = None) -> TrainState:
+    """The initial state laid out on the mesh: params by the logical axis rules, optimiser alike.
+
+    `encoder_axes`: logical axis names the encoder's module declares (decoders); None: guessed."""
     state = init_state(encoder_params, config.loss, tx, config.seed)
     rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
-    params = jax.device_put(state.params, parallel.param_shardings(state.params, mesh, rules))
+    params = jax.device_put(state.params, parallel.param_shardings(state.params, mesh, rules, encoder_axes))
     replicate = lambda x: jax.device_put(x, parallel.replicated(mesh))
     # Moments inherit the parameters' shardings; counters (made from constants) are replicated.
     opt_state = jax.tree.map(lambda x: x if x.ndim and len(x.sharding.device_set) == mesh.size else replicate(x),

@@ -91,7 +91,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     resuming_config = checkpoint.check_config(workdir, config_json)
 
     tx, schedule = step_lib.make_optimizer(config.train)
-    state = step_lib.init_sharded_state(model.params, config, tx, mesh)
+    state = step_lib.init_sharded_state(model.params, config, tx, mesh, model.encoder.param_axes())
     use_dropout = model.encoder.config.hidden_dropout_prob > 0
     if chunk:  # gradient caching: embed in sub-batches, backprop twice
         loss_fn = grad_cache.make_cached_loss_fn(step_lib.make_embed_fn(model.encoder, use_dropout),

@@ -124,7 +124,8 @@ class EncoderConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
 
-def _dense(cfg: EncoderConfig, features: int, name: str) -> nn.Dense:
+def dense_dtype_and_dot(cfg: Any) -> tuple[str, Any]:
+    """(dtype, dot_general) of a dense layer under cfg's dtype, matmul_dtype and dense_impl."""
     dtype, dot = cfg.dtype, jax.lax.dot_general
     if cfg.dense_impl == "mkl" and jax.default_backend() == "cpu":  # float32, as the config checks
         dot = cpu_blas.dot_general
@@ -132,6 +133,11 @@ def _dense(cfg: EncoderConfig, features: int, name: str) -> nn.Dense:
         # Inputs (and bias) in matmul_dtype; the product comes out, accumulated, in the compute dtype.
         dtype = cfg.matmul_dtype
         dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.dtype(cfg.dtype))
+    return dtype, dot
+
+
+def _dense(cfg: EncoderConfig, features: int, name: str) -> nn.Dense:
+    dtype, dot = dense_dtype_and_dot(cfg)
     return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, dot_general=dot,
                     kernel_init=nn.initializers.normal(0.02), name=name)
 

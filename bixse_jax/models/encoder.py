@@ -1,13 +1,14 @@
-"""A sentence encoder: the BERT-family module, pooling and optional L2 normalisation, as one call."""
+"""A sentence encoder: the BERT-family or decoder module, pooling and optional L2 normalisation, as one call."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import jax
+from flax import linen as nn
 
 from bixse_jax.errors import ConfigError
-from bixse_jax.models.bert import BertModel, EncoderConfig
+from bixse_jax.models import architectures
 from bixse_jax.models.pooling import POOLING_MODES, l2_normalize, pool
 
 
@@ -15,7 +16,7 @@ from bixse_jax.models.pooling import POOLING_MODES, l2_normalize, pool
 class SentenceEncoder:
     """Stateless: parameters are passed in, so the same object serves jit, grad and eval."""
 
-    config: EncoderConfig
+    config: architectures.ModelConfig
     pooling: str = "mean"
     normalize: bool = True
 
@@ -24,8 +25,12 @@ class SentenceEncoder:
             raise ConfigError(f"pooling {self.pooling!r} is not one of {POOLING_MODES}")
 
     @property
-    def module(self) -> BertModel:
-        return BertModel(self.config)
+    def module(self) -> nn.Module:
+        return architectures.module(self.config)
+
+    def param_axes(self) -> dict | None:
+        """Logical axis names of every parameter (decoders), or None (parallel.py guesses BERT's)."""
+        return architectures.param_axes(self.config)
 
     def __call__(self, params: dict, input_ids: jax.Array, attention_mask: jax.Array, *,
                  dropout_rng: jax.Array | None = None) -> jax.Array:

