@@ -72,15 +72,18 @@ def check_impl(cfg: ml_collections.ConfigDict, mesh: Mesh | None) -> None:
 
 
 def choose_impl(cfg: ml_collections.ConfigDict, mesh: Mesh | None, batch_size: int) -> str:
-    """`auto`: the ring when the batch is split over several devices (no device then holds more than
-    its [B/n, B/n] blocks), else row blocks once the batch is larger than one block; dense where the
-    loss has no other impl or one block is the whole batch anyway."""
+    """`auto`: dense while the batch fits in one block (its [B, B] matrices are then no larger than a
+    block's, and one fused matmul is the fastest way to them); beyond that the ring when the batch is
+    split over several devices (no device then holds more than [block, B/n]), else row blocks; dense
+    for a loss that has no other impl."""
     check_impl(cfg, mesh)
     if cfg.impl != "auto":
         return cfg.impl
+    if batch_size <= cfg.block_size:
+        return "dense"
     if batch_shards(mesh) > 1 and cfg.name in RING_LOSSES:
         return "ring"
-    if batch_size > cfg.block_size and cfg.name in BLOCKED_LOSSES:
+    if cfg.name in BLOCKED_LOSSES:
         return "blocked"
     return "dense"
 

@@ -61,8 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.binarize_threshold = ml_collections.FieldReference(None, field_type=float)  # ablation
     c.loss.mask_unlabelled_of_repeated_queries = False
     # How the loss is computed (blocked_loss.py): dense [B, B]; blocked: rows in blocks of block_size on
-    # one device; ring: documents passed round the batch's devices. auto: ring on a mesh of several
-    # devices, blocked when the batch exceeds one block, else dense (and dense for losses without the others).
+    # one device; ring: documents passed round the batch's devices. auto: dense while the batch fits in
+    # one block, then ring on a mesh of several devices, else blocked (dense for losses without the others).
     c.loss.impl = "auto"  # auto | dense | blocked | ring
     c.loss.block_size = 1024  # rows per block (blocked) or per chunk of a device's rows (ring); any size, padded
 

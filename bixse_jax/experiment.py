@@ -29,10 +29,10 @@ def load_model(cfg: ml_collections.ConfigDict) -> SentenceModel:
                  "attention_impl": cfg.attention_impl}
     if cfg.dropout is not None:
         overrides["hidden_dropout_prob"] = float(cfg.dropout)
-    if cfg.get("bidirectional"):  # decoders only; a BERT-family config refuses it
+    if cfg.bidirectional:  # decoders only; a BERT-family config refuses it
         overrides["bidirectional"] = True
     return load_encoder(cfg.name_or_path, pooling=cfg.pooling, normalize=cfg.normalize,
-                        append_eos=bool(cfg.get("append_eos")), **overrides)
+                        append_eos=bool(cfg.append_eos), **overrides)
 
 
 def check_lengths(config: ml_collections.ConfigDict, model: SentenceModel) -> None:

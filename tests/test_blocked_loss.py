@@ -198,9 +198,11 @@ def test_ring_in_the_cached_step_equals_dense():
 
 # --- configuration -------------------------------------------------------------------------------
 
-def test_auto_picks_ring_on_a_mesh_blocked_for_large_batches_else_dense():
+def test_auto_is_dense_within_one_block_then_ring_on_a_mesh_else_blocked():
     mesh8, mesh1 = parallel.make_mesh(8), parallel.make_mesh(1)
     choose = blocked_loss.choose_impl
+    assert choose(_cfg("bixse", "auto", block_size=1024), mesh8, 1024) == "dense"
+    assert choose(_cfg("bixse", "auto", block_size=1024), mesh8, 1032) == "ring"
     assert choose(_cfg("bixse", "auto"), mesh8, B) == "ring"
     assert choose(_cfg("pairwise_bce", "auto"), mesh8, B) == "blocked"
     assert choose(_cfg("bixse", "auto", block_size=1024), mesh1, 4096) == "blocked"
