@@ -1,24 +1,27 @@
-"""Which Flax module a config.json describes: the BERT family (bert.py) or a decoder LLM (decoder.py).
+"""Which Flax module a config.json describes: the BERT family (bert.py), ModernBERT (modernbert.py)
+or a decoder LLM (decoder.py).
 
-  config_from_hf(hf, **overrides)   config.json's dict -> EncoderConfig | DecoderConfig
+  config_from_hf(hf, **overrides)   config.json's dict -> EncoderConfig | ModernBertConfig | DecoderConfig
   module(config)                    the Flax module: token ids + mask -> last hidden states
-  init_params / param_shapes        random parameters, or their shapes, for either family
-  param_axes(config)                logical axis names per parameter (decoders); None: parallel.py
-                                    guesses BERT's from the parameter paths
+  init_params / param_shapes        random parameters, or their shapes, for any family
+  param_axes(config)                logical axis names per parameter (decoders, ModernBERT); None:
+                                    parallel.py guesses BERT's from the parameter paths
+  torch_to_flax(config)             the renaming of transformers' tensor names for the family
 """
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import jax
+import numpy as np
 from flax import linen as nn
 
 from bixse_jax.errors import ConfigError
-from bixse_jax.models import bert, decoder
+from bixse_jax.models import bert, decoder, hf_decoder_io, modernbert
 
-ModelConfig = Union[bert.EncoderConfig, decoder.DecoderConfig]
-SUPPORTED_MODEL_TYPES = bert.SUPPORTED_MODEL_TYPES + decoder.DECODER_MODEL_TYPES
+ModelConfig = Union[bert.EncoderConfig, modernbert.ModernBertConfig, decoder.DecoderConfig]
+SUPPORTED_MODEL_TYPES = bert.SUPPORTED_MODEL_TYPES + modernbert.MODERNBERT_MODEL_TYPES + decoder.DECODER_MODEL_TYPES
 # Training-time options that only decoders have.
 DECODER_ONLY_OPTIONS = ("bidirectional",)
 
@@ -27,30 +30,50 @@ def is_decoder(config: ModelConfig) -> bool:
     return isinstance(config, decoder.DecoderConfig)
 
 
+def is_modernbert(config: ModelConfig) -> bool:
+    return isinstance(config, modernbert.ModernBertConfig)
+
+
 def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type in decoder.DECODER_MODEL_TYPES:
         return decoder.DecoderConfig.from_hf_dict(hf, **overrides)
-    if model_type not in bert.SUPPORTED_MODEL_TYPES:
+    if model_type not in bert.SUPPORTED_MODEL_TYPES + modernbert.MODERNBERT_MODEL_TYPES:
         raise ConfigError(f"model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
     for key in DECODER_ONLY_OPTIONS:
         if overrides.pop(key, False):
             raise ConfigError(f"model.{key} is for decoder models {decoder.DECODER_MODEL_TYPES}, "
                               f"not {model_type} (already bidirectional)")
+    if model_type in modernbert.MODERNBERT_MODEL_TYPES:
+        return modernbert.ModernBertConfig.from_hf_dict(hf, **overrides)
     return bert.EncoderConfig.from_hf_dict(hf, **overrides)
 
 
+def _family(config: ModelConfig):
+    return decoder if is_decoder(config) else modernbert if is_modernbert(config) else bert
+
+
 def module(config: ModelConfig) -> nn.Module:
-    return decoder.DecoderModel(config) if is_decoder(config) else bert.BertModel(config)
+    if is_decoder(config):
+        return decoder.DecoderModel(config)
+    return modernbert.ModernBertModel(config) if is_modernbert(config) else bert.BertModel(config)
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> dict:
-    return decoder.init_params(config, rng) if is_decoder(config) else bert.init_params(config, rng)
+    return _family(config).init_params(config, rng)
 
 
 def param_shapes(config: ModelConfig) -> dict:
-    return decoder.param_shapes(config) if is_decoder(config) else bert.param_shapes(config)
+    return _family(config).param_shapes(config)
 
 
 def param_axes(config: ModelConfig) -> dict | None:
-    return decoder.param_axes(config) if is_decoder(config) else None
+    family = _family(config)
+    return None if family is bert else family.param_axes(config)
+
+
+def torch_to_flax(config: ModelConfig) -> Callable[[str, np.ndarray], tuple[tuple[str, ...], np.ndarray] | None] | None:
+    """The family's renaming of PyTorch tensor names (decoders, ModernBERT); None: hf_io's BERT one."""
+    if is_decoder(config):
+        return hf_decoder_io.torch_to_flax
+    return modernbert.torch_to_flax if is_modernbert(config) else None

@@ -5,7 +5,8 @@ kernels as [out, in]; HF's Flax layout names them `encoder/layer/0/attention/sel
 as [in, out]. `torch_to_flax` does that renaming and transposing, and loading checks the result
 against the module's own parameter shapes so a wrong architecture fails loudly, not silently.
 
-Decoder LLMs (llama, qwen2, qwen3) keep transformers' names instead (hf_decoder_io.py).
+Decoder LLMs (llama, qwen2, qwen3) and ModernBERT keep transformers' names instead
+(hf_decoder_io.py, modernbert.torch_to_flax).
 
 Weights are read from `model.safetensors` or its shards (`model.safetensors.index.json`; PyTorch
 names, float32/bfloat16/float16, read as float32) or, failing that, from HF's Flax files
@@ -26,7 +27,7 @@ import numpy as np
 from flax import traverse_util
 
 from bixse_jax.errors import UserError
-from bixse_jax.models import architectures, hf_decoder_io
+from bixse_jax.models import architectures
 from bixse_jax.models.architectures import ModelConfig
 
 # Tensors that exist in HF checkpoints but play no part in a sentence encoder.
@@ -185,7 +186,7 @@ def read_weights(model_dir: pathlib.Path) -> dict[str, np.ndarray]:
 
 def convert_weights(weights: dict[str, np.ndarray], config: ModelConfig, source: str) -> dict:
     """Rename, transpose and check against the module's parameter shapes; nested float32 params."""
-    rename = hf_decoder_io.torch_to_flax if architectures.is_decoder(config) else torch_to_flax
+    rename = architectures.torch_to_flax(config) or torch_to_flax
     flat: dict[tuple[str, ...], np.ndarray] = {}
     for name, array in weights.items():
         converted = rename(name, array)
