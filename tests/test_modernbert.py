@@ -205,3 +205,43 @@ def test_xla_attention_remat_and_bfloat16_agree_with_the_default(tmp_path):
         np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=str(variant))
     half = _hidden(dataclasses.replace(config, dtype="bfloat16"), params, ids, mask)[real].astype(np.float32)
     assert np.abs(half - ref).max() <= 0.1 * np.abs(ref).max()
+
+
+WORDS = ["red", "blue", "cat", "dog", "runs", "sleeps", "fast", "slow", "big", "small", "question"]
+
+
+def test_cli_trains_a_modernbert_with_fsdp_and_export_refuses_it(tmp_path):
+    """A plain ModernBERT folder with a word-level tokenizer adding [CLS] ... [SEP], as ModernBERT's does."""
+    import os
+    import subprocess
+    import sys
+
+    import tokenizers
+
+    from train_utils import cli_overrides, pairs_jsonl
+    model_dir = tmp_path / "tiny_modernbert"
+    _write_model("masked_lm", model_dir)
+    vocab = {"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, **{w: i + 3 for i, w in enumerate(WORDS)}, "[UNK]": 3 + len(WORDS)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    tok.save(str(model_dir / "tokenizer.json"))
+    data = pairs_jsonl(tmp_path / "pairs.jsonl")
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "bixse_jax.cli", "train", "--workdir", str(workdir),
+           *cli_overrides(model_dir, data, **{"train.num_steps": 2, "train.log_every": 1,
+                                             "train.checkpoint_every": 2, "mesh.fsdp": 2})]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    losses = [json.loads(line)["loss"] for line in open(workdir / "metrics.jsonl")]
+    assert len(losses) == 2 and all(np.isfinite(losses)), losses
+    from bixse_jax import checkpoint, export
+    trained = checkpoint.restore_model(workdir)
+    assert (trained.config.model_type, trained.encoder.pooling) == ("modernbert", "mean")  # a plain folder: mean
+    base = hf_io.load_pretrained(model_dir)[1]
+    moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(base))]
+    assert max(moved) > 0
+    with pytest.raises(export.ExportError, match="'modernbert' cannot be exported"):
+        export.export_model(trained, tmp_path / "out", "hf-flax")
