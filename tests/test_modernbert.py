@@ -174,16 +174,16 @@ def test_one_training_step_on_an_fsdp_mesh_moves_the_params():
     assert min(jax.tree.leaves(moved)) > 0, moved
 
 
-def test_transformers_4_config_fields_read_like_transformers_5(tmp_path):
+def test_transformers_4_config_fields_read_like_transformers_5():
     base = {k: TINY[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads")}
     v4 = architectures.config_from_hf({**base, "model_type": "modernbert", "num_hidden_layers": 4,
                                        "global_attn_every_n_layers": 2, "global_rope_theta": 1e5,
                                        "local_rope_theta": 1e3, "dtype": "bfloat16"})
+    rope_parameters = {"full_attention": {"rope_type": "default", "rope_theta": 1e5},
+                       "sliding_attention": {"rope_type": "default", "rope_theta": 1e3}}
     v5 = architectures.config_from_hf({**base, "model_type": "modernbert", "num_hidden_layers": 4,
                                        "layer_types": ["full_attention", "sliding_attention"] * 2,
-                                       "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e5},
-                                                           "sliding_attention": {"rope_type": "default",
-                                                                                 "rope_theta": 1e3}}})
+                                       "rope_parameters": rope_parameters})
     assert v4 == v5 and v4.dtype == "float32"  # config.json's dtype is the storage's, not the compute's
     with pytest.raises(ValueError, match="rope_type 'linear'"):
         architectures.config_from_hf({**base, "model_type": "modernbert", "rope_parameters": {
