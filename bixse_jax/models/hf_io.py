@@ -91,7 +91,7 @@ def resolve_model_dir(name_or_path: str | pathlib.Path) -> pathlib.Path:
 
 
 def load_config(model_dir: pathlib.Path, **overrides: Any) -> ModelConfig:
-    """The architecture in config.json: a BERT-family EncoderConfig or a decoder's DecoderConfig."""
+    """The architecture in config.json: a BERT-family EncoderConfig, a ModernBertConfig or a DecoderConfig."""
     path = model_dir / "config.json"
     if not path.is_file():
         raise ModelLoadError(f"{model_dir}: no config.json in the model folder")
