@@ -9,7 +9,7 @@ time limit; a cell that does not compile in time is reported as skipped.
   python benchmarks/loss_memory.py                 # the whole table, JSON lines, then a JSON list
   python benchmarks/loss_memory.py --cell 8 ring 16384
   python benchmarks/loss_memory.py --whole-step    # the whole cached BERT-base train step, 1 device
-  python benchmarks/loss_memory.py --whole-step --step-cell 65536
+  python benchmarks/loss_memory.py --step-cell 65536 --chunk 128   # one batch size of it
 
 `--whole-step`: the real train step (step.make_optimizer / init_state, grad_cache's cached loss fn
 over the BiXSE objective, step.make_train_step, AdamW update, old state donated) of a BERT-base
@@ -133,9 +133,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=300, help="seconds per cell")
     parser.add_argument("--whole-step", action="store_true", help="the whole cached BERT-base train step")
     parser.add_argument("--step-cell", type=int, metavar="B", help="one --whole-step batch size, in this process")
-    parser.add_argument("--chunk", type=int, default=512, help="--whole-step: grad-cache sub-batch (0: off)")
+    parser.add_argument("--chunk", type=int, default=64, help="--whole-step: grad-cache sub-batch (0: off)")
     parser.add_argument("--dtype", default="bfloat16", help="--whole-step: compute dtype")
-    parser.add_argument("--remat", default="none", help="--whole-step: none | full | dots")
+    parser.add_argument("--remat", default="full", help="--whole-step: none | full | dots")
     parser.add_argument("--impl", default="blocked", help="--whole-step: loss.impl")
     args = parser.parse_args()
     step_args = (args.chunk, args.dtype, args.remat, args.impl, args.block_size, args.loss)
