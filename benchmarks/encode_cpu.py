@@ -47,8 +47,8 @@ def _bixse(model: str, max_len: int, batch_size: int, matmul_dtype: str | None, 
     from bixse_jax import parallel
     from bixse_jax.commands.eval import dense_impl as resolve_dense_impl
     from bixse_jax.eval.evaluate import load_text_encoder
-    dense_impl = resolve_dense_impl(dense_impl, "float32", matmul_dtype)  # a clear error without MKL
     parallel.one_cpu_device_per_core()  # as the encode/eval commands do
+    dense_impl = resolve_dense_impl(dense_impl, "float32", matmul_dtype)  # a clear error without MKL
     enc = load_text_encoder(model, max_len=max_len, batch_size=batch_size, matmul_dtype=matmul_dtype,
                             dense_impl=dense_impl)
     return enc.documents, enc.queries, {"devices": jax.device_count(), "jax": jax.__version__}

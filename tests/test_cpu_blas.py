@@ -81,3 +81,15 @@ def test_other_contractions_and_dtypes_are_refused():
         bert.EncoderConfig(dense_impl="mkl", matmul_dtype="bfloat16")
     with pytest.raises(ValueError, match="dense_impl 'blas' is not one of"):
         bert.EncoderConfig(dense_impl="blas")
+
+
+def test_faster_impl_measures_once_and_caches(monkeypatch, tmp_path):
+    """The real measurement (small width, so fast) runs, picks one, and is reused."""
+    monkeypatch.setenv("BIXSE_CACHE", str(tmp_path))
+    first = cpu_blas.faster_impl(hidden=32)
+    assert first["why"] == "measured now" and first["choice"] in ("mkl", "xla")
+    assert first["xla_s"] > 0 and first["mkl_s"] > 0
+    assert first["choice"] == ("mkl" if first["mkl_s"] < first["xla_s"] else "xla")
+    monkeypatch.setattr(cpu_blas, "measure", lambda hidden: pytest.fail("measured twice"))
+    again = cpu_blas.faster_impl(hidden=32)
+    assert again["choice"] == first["choice"] and again["why"].startswith("measured earlier")

@@ -478,6 +478,7 @@ def test_dense_impl_auto_takes_mkl_only_for_float32_where_it_runs(monkeypatch):
         eval_cmd.dense_impl("mkl", "float32", None)
     monkeypatch.setattr(cpu_blas, "available", lambda: True)
     monkeypatch.setattr(cpu_blas, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(cpu_blas, "faster_impl", lambda: {"choice": "mkl"})  # tests/test_dense_impl_auto.py
     assert eval_cmd.dense_impl("auto", "float32", None) == "mkl"
     assert eval_cmd.dense_impl("mkl", "float32", "float32") == "mkl"
     assert eval_cmd.dense_impl("auto", "float32", "bfloat16") == "xla"

@@ -40,17 +40,25 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                              "accumulation and activations (1.7x faster on a CPU with AMX: docs/benchmarks.md)")
     parser.add_argument("--dense-impl", default="auto", choices=("auto", "xla", "mkl"),
                         help="float32 dense matmuls on a CPU: mkl (Intel MKL, pip install 'bixse-jax[mkl]'; "
-                             "1.4x faster: docs/benchmarks.md) or xla; auto: mkl where it is available")
+                             "1.4x faster on an Intel Xeon: docs/benchmarks.md) or xla; auto: whichever a short "
+                             "measurement on this host finds faster (cached per host), xla where MKL cannot run")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: newest)")
     errors.add_verbose_flag(parser)
 
 
 def dense_impl(choice: str, dtype: str, matmul_dtype: str | None) -> str:
-    """--dense-impl resolved: "auto" is "mkl" for float32 matmuls where MKL can run, else "xla"."""
+    """--dense-impl resolved: "auto" is "mkl" for float32 matmuls on a CPU where MKL can run and is
+    faster than XLA's dots (`cpu_blas.faster_impl`: measured once per host, cached), else "xla".
+
+    Call after `parallel.one_cpu_device_per_core()`: measuring starts JAX's CPU backend."""
+    import jax
+
     from bixse_jax.models import cpu_blas
     float32 = dtype == "float32" and matmul_dtype in (None, "float32")
     if choice == "auto":
-        return "mkl" if float32 and cpu_blas.available() else "xla"
+        if not float32 or jax.default_backend() != "cpu" or not cpu_blas.available():
+            return "xla"
+        return cpu_blas.faster_impl()["choice"]
     if choice == "mkl":
         if not float32:
             raise UserError(f"--dense-impl mkl multiplies in float32; got --dtype {dtype} --matmul-dtype {matmul_dtype}")
@@ -63,8 +71,8 @@ def dense_impl(choice: str, dtype: str, matmul_dtype: str | None) -> str:
 def load_encoder(args: argparse.Namespace):
     from bixse_jax import parallel
     from bixse_jax.eval.evaluate import load_text_encoder
-    dense = dense_impl(args.dense_impl, args.dtype, args.matmul_dtype)
     parallel.one_cpu_device_per_core()  # on a CPU: every core encodes (JAX_NUM_CPU_DEVICES=1 to opt out)
+    dense = dense_impl(args.dense_impl, args.dtype, args.matmul_dtype)  # may measure: after the device split
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     return load_text_encoder(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype, dense_impl=dense,

@@ -18,12 +18,16 @@ import ctypes
 import ctypes.util
 import functools
 import hashlib
+import importlib.metadata
+import json
 import os
+import platform
 import pathlib
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Sequence
 
 import jax
@@ -54,10 +58,13 @@ def find_compiler() -> str | None:
                 None)
 
 
+def _cache_root() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("BIXSE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bixse_jax"))
+
+
 def _cache_dir() -> pathlib.Path:
-    root = os.environ.get("BIXSE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bixse_jax")
-    return pathlib.Path(root, "ffi")
+    return _cache_root() / "ffi"
 
 
 def _build(compiler: str) -> pathlib.Path:
@@ -170,3 +177,123 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: tuple[tuple[S
         raise ValueError(f"dense_impl='mkl' returns float32, not {preferred_element_type}")
     ready()
     return matmul(lhs, rhs)
+
+
+# --- which is faster here: MKL's sgemm or XLA's dot ----------------------------------------------
+#
+# MKL is 1.4-1.5x XLA's dots on the Intel Xeon of docs/benchmarks.md, but dispatches slow kernels on
+# other vendors' CPUs (an AMD EPYC host measured 30.6 docs/s with MKL against 41.2 with XLA's dots).
+# So "auto" measures once per host: one dense layer's matmul ([ROWS, hidden] x [hidden, 4 hidden],
+# rows split over the CPU devices as encoding splits a batch) by each, best of REPEATS, and keeps
+# the faster. The result is cached by CPU model, cores, CPU devices, shape and versions.
+
+ROWS = 2048  # tokens per call, over all devices: 8 texts of 256 tokens
+REPEATS = 3
+
+
+def cpu_model() -> str:
+    """/proc/cpuinfo's model name (else platform.processor()), e.g. 'AMD EPYC 7B13'."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ('GenuineIntel', 'AuthenticAMD', ...), else ''."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _mkl_version() -> str:
+    try:
+        return importlib.metadata.version("mkl")
+    except importlib.metadata.PackageNotFoundError:
+        found = find_mkl()
+        return found.name if found else "none"
+
+
+def _host_key(hidden: int) -> dict:
+    return {"cpu": cpu_model(), "cores": parallel.cpu_cores(), "cpu_devices": len(jax.devices("cpu")),
+            "rows": ROWS, "hidden": hidden, "repeats": REPEATS, "jax": jax.__version__,
+            "jaxlib": jaxlib.version.__version__, "mkl": _mkl_version()}
+
+
+def _timed(fn, *args) -> float:
+    tick = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - tick
+
+
+def measure(hidden: int) -> dict[str, float]:
+    """Seconds for a feed-forward block's two matmuls, [ROWS, hidden] x [hidden, 4 hidden] and
+    [ROWS, 4 hidden] x [4 hidden, hidden], float32, by XLA and by MKL: best of REPEATS, the two
+    taking turns so that a busy host slows both alike.
+
+    Rows are split over the CPU devices under shard_map, one MKL call per device, as encoding runs
+    (eval/encode.py). ~0.3 s on 2 idle cores at hidden 384, compiling included."""
+    ready()
+    devices = jax.devices("cpu")
+    mesh = jax.sharding.Mesh(devices, ("rows",))
+    spec = jax.sharding.PartitionSpec
+    rows = -(-ROWS // len(devices)) * len(devices)
+    put = lambda shape, s: jax.device_put(jnp.full(shape, 1.0 / shape[-1], jnp.float32),
+                                          jax.sharding.NamedSharding(mesh, s))
+    x, w1, w2 = put((rows, hidden), spec("rows")), put((hidden, 4 * hidden), spec()), put((4 * hidden, hidden), spec())
+
+    def per_device(mm):
+        return jax.jit(jax.shard_map(lambda x, w1, w2: mm(mm(x, w1), w2), mesh=mesh,
+                                     in_specs=(spec("rows"), spec(), spec()), out_specs=spec("rows")))
+
+    fns = {"xla_s": per_device(jnp.matmul), "mkl_s": per_device(matmul)}
+    for fn in fns.values():
+        jax.block_until_ready(fn(x, w1, w2))  # compiles
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(REPEATS):
+        for name, fn in fns.items():
+            best[name] = min(best[name], _timed(fn, x, w1, w2))
+    return best
+
+
+def faster_impl(hidden: int = 384) -> dict:
+    """Whether MKL or XLA multiplies a dense layer faster here: {"choice": "mkl"|"xla", "why": ..., ...}.
+
+    "xla" without measuring when MKL cannot run. Else the cached measurement for this host, or a
+    new one (`measure`), written to $BIXSE_CACHE/dense_impl/. If measuring fails, the CPU vendor
+    decides: MKL on Intel, XLA elsewhere."""
+    reason = unavailable_reason()
+    if reason is not None:
+        return {"choice": "xla", "why": f"MKL unavailable: {reason}"}
+    key = _host_key(hidden)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = _cache_root() / "dense_impl" / f"{digest}.json"
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key and cached.get("choice") in ("mkl", "xla"):
+            return {**cached, "why": f"measured earlier ({path})"}
+    except (OSError, ValueError):
+        pass
+    try:
+        timings = measure(hidden)
+    except Exception as e:  # noqa: BLE001 - any failure falls back to the vendor rule
+        intel = cpu_vendor() == "GenuineIntel"
+        return {"choice": "mkl" if intel else "xla",
+                "why": f"measurement failed ({e}); {'an Intel' if intel else 'not an Intel'} CPU"}
+    choice = "mkl" if timings["mkl_s"] < timings["xla_s"] else "xla"
+    record = {"key": key, **timings, "choice": choice}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(record, indent=1))
+        os.replace(partial, path)
+    except OSError:
+        pass  # an unwritable cache only means measuring again next time
+    return {**record, "why": "measured now"}
