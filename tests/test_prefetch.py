@@ -75,7 +75,7 @@ def test_close_while_the_producer_waits_on_a_full_queue_is_prompt():
     assert len(built) == 3
     tick = time.monotonic()
     prefetch.close()
-    assert time.monotonic() - tick < 1.0
+    assert time.monotonic() - tick < 2.0  # not the 30 s join timeout, nor a hang
     assert not _prefetch_threads() and len(built) == 3
     with pytest.raises(RuntimeError, match="closed"):
         prefetch.get(0)
