@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.async_checkpoints = True
     c.train.grad_cache_chunk = 0  # gradient caching: pairs per sub-batch (0: off); divides the batch
+    c.train.prefetch = 2  # batches built (and sent to the devices) ahead in a thread while the step runs; 0: off
     c.train.on_nonfinite = "skip"  # skip: drop the update and log the batch; stop: raise
 
     # Named evaluators, several per run (big_vision's config.evals): NAME -> evaluator(KIND, ...).

@@ -22,6 +22,7 @@ from etils import epath
 from tqdm import tqdm
 
 from bixse_jax import checkpoint, experiment, grad_cache, parallel, step as step_lib
+from bixse_jax.data.prefetch import Prefetcher
 from bixse_jax.errors import ConfigError
 from bixse_jax.metric_writers import MetricsWriter
 from bixse_jax.preemption import PreemptionGuard
@@ -39,11 +40,12 @@ class _PendingSteps:
             raise ConfigError(f"train.on_nonfinite {policy!r} is not 'skip' or 'stop'")
         self.policy, self.describe_pairs = policy, describe_pairs
         self.items: list[tuple[int, step_lib.Metrics]] = []
-        self.pairs, self.tick = 0, time.perf_counter()
+        self.pairs, self.wait, self.tick = 0, 0.0, time.perf_counter()
 
-    def add(self, step: int, metrics: step_lib.Metrics, pairs: int) -> None:
+    def add(self, step: int, metrics: step_lib.Metrics, pairs: int, data_wait: float) -> None:
         self.items.append((step, metrics))
         self.pairs += pairs
+        self.wait += data_wait
 
     def check(self) -> tuple[dict[str, float] | None, list[dict[str, Any]]]:
         """(mean metrics of the good steps or None, skipped-step records); raises under 'stop'."""
@@ -61,7 +63,8 @@ class _PendingSteps:
         means = {k: float(np.mean([m[k] for m in good])) for k in good[0] if k != "nonfinite"} if good else None
         if means is not None:
             means["pairs_per_second"] = self.pairs / max(time.perf_counter() - self.tick, 1e-9)
-        self.items, self.pairs, self.tick = [], 0, time.perf_counter()
+            means["data_wait_seconds"] = self.wait / len(self.items)  # host stall: the step waited for its batch
+        self.items, self.pairs, self.wait, self.tick = [], 0, 0.0, time.perf_counter()
         return means, skipped
 
 
@@ -147,12 +150,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
     progress = tqdm(range(first, total), initial=first, total=total, desc="train",
                     disable=not (show_progress and is_lead), dynamic_ncols=True)
+    # Batch k + 1 is read, tokenised and sent to the devices in a thread while step k runs.
+    prefetch = Prefetcher(lambda s: parallel.global_batch(batcher.batch(s), mesh), first, total,
+                          depth=config.train.prefetch)
     try:
         with PreemptionGuard() as guard:
             for step in progress:
-                batch = parallel.global_batch(batcher.batch(step), mesh)
+                batch, data_wait = prefetch.timed_get(step)
                 state, metrics = step_fn(state, batch)
-                pending.add(step, metrics, config.train.global_batch_size)
+                pending.add(step, metrics, config.train.global_batch_size, data_wait)
                 done = step + 1
                 preempted = done < total and guard.should_stop(done)
                 if done % config.train.log_every == 0 or done == total or preempted:
@@ -170,6 +176,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                     break
     finally:  # whatever happened, let started checkpoint writes complete and input workers stop
         progress.close()
+        prefetch.close()  # before the batcher it reads from
         getattr(batcher, "close", lambda: None)()
         manager.wait_until_finished()
         manager.close()

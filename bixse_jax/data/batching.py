@@ -115,10 +115,11 @@ class EpochOrder:
     _perm_cache: tuple[int, np.ndarray] | None = None
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if self._perm_cache is None or self._perm_cache[0] != epoch:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs)
-            self._perm_cache = (epoch, perm)
-        return self._perm_cache[1]
+        cache = self._perm_cache  # read once: the prefetch thread may replace it meanwhile
+        if cache is None or cache[0] != epoch:
+            cache = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs))
+            self._perm_cache = cache
+        return cache[1]
 
     def global_indices(self, step: int) -> np.ndarray:
         """Pair indices of global batch `step`, in batch order."""
