@@ -122,3 +122,19 @@ def test_hf_flax_and_bidirectional_decoders_are_refused(tmp_path):
     with pytest.raises(export.ExportError, match="bidirectional"):
         export.export_model(bixse_jax.load_encoder(folder, bidirectional=True), tmp_path / "bi", "hf")
     assert not (tmp_path / "flax").exists() and not (tmp_path / "bi").exists()
+
+
+def test_bert_family_hf_format_is_an_automodel_folder(minilm_path, tmp_path):
+    """The `hf` format serves BERT-family models too: AutoModel's masked mean equals bixse-jax's."""
+    model = bixse_jax.load_encoder(minilm_path)
+    out = export.export_model(model, tmp_path / "hf", "hf")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertModel"]
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    hf = transformers.AutoModel.from_pretrained(str(out)).eval()
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = hf(**batch).last_hidden_state.numpy()
+    m = batch["attention_mask"].numpy()[..., None]
+    emb = (h * m).sum(1) / m.sum(1)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    np.testing.assert_allclose(emb, bixse_jax.encode(model, TEXTS), atol=TOLERANCE)
