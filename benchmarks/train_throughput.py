@@ -338,6 +338,9 @@ def gpu_suite(runner: Runner, peak_tflops: float | None) -> None:
         if big.get("error") != "out of memory":
             break
     largest_batch(runner, bert, Setting("bert-base", 1024, **fast))
+    # Decoder LLMs (random init, real shapes; XLA attention: cuDNN's lengths cannot say "left padding").
+    for model in ("qwen2.5-0.5b", "llama-3.2-1b"):
+        runner.run(Setting(model, 256, **{**fast, "attention": "xla"}, steps=3, repeats=2, warmup=1), min_s=60)
     # Extras, if time is left: what the levers give (float32 + XLA attention; remat).
     runner.run(Setting("bert-base", 1024, dtype="float32", attention="xla", remat="none", peak_tflops=peak_tflops))
     runner.run(Setting("bert-base", 1024, **{**fast, "remat": "dots"}))
