@@ -15,8 +15,10 @@ A short run on a 2-core CPU (no evaluation before training; the test evaluation 
   bixse-jax train --config configs/smollm2_stsb.py --workdir /tmp/smollm2-stsb \\
       --config.train.num_steps=10 --config.train.warmup_steps=1 --config.evals.test.before_training=False
 
-Measured on this repository's 2-core CPU machine (shared, so roughly): see README.md ("Decoder LLMs").
-The full 180 steps are a GPU / TPU run. Export: `bixse-jax export --workdir runs/smollm2-stsb
+Measured on this repository's 2-core CPU (shared with other jobs): 3 steps without evaluation took
+7 min 55 s (GGUF conversion, load, compile and first step 3.5 min, then 80-90 s a step; 11 GB of
+RAM), so the run above is about 17 min plus the evaluation (not measured; estimated 5-20 min). The
+full 180 steps (~4.5 h here) are a GPU / TPU run. Export: `bixse-jax export --workdir runs/smollm2-stsb
 --format sentence-transformers --out DIR` (last-token pooling, read by sentence-transformers).
 """
 

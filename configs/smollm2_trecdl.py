@@ -15,8 +15,9 @@ evaluation after it re-ranks about 1,900 judged passages, the larger part of the
       --config.train.num_steps=5 --config.train.warmup_steps=1 --config.data.doc_max_len=128 \\
       --config.evals.test.before_training=False
 
-Timings measured on this repository's 2-core CPU machine: README.md ("Decoder LLMs"). The full 100
-steps are a GPU / TPU run.
+Not timed here; estimated from configs/smollm2_stsb.py's measured 80-90 s per step at 64 + 64
+tokens (2-core CPU): about 2-3 min per step at 32 + 128 tokens, so ~15-20 min plus the evaluation
+(longer than training). The full 100 steps at 192 tokens are a GPU / TPU run.
 """
 
 import importlib.util
