@@ -16,6 +16,16 @@ host does not wait inside a timed window of `--steps` steps, only at its end.
       --attention cudnn --remat none --chunk 0
   python benchmarks/train_throughput.py --suite gpu --deadline-s 250 --out $OUT/ours.jsonl
 
+Decoder LLMs (random init, real shapes, last-token pooling, no dropout): --models qwen2.5-0.5b,
+qwen2.5-1.5b, llama-3.2-1b, smollm2-135m (or tiny-llama for a CPU smoke run); `--fsdp N` shards
+parameters and optimiser state over N devices (mesh.fsdp). With --compile-only the state is never
+allocated (jax.eval_shape), so a large model's XLA memory plan can be read on a CPU:
+
+  python benchmarks/train_throughput.py --models qwen2.5-0.5b,llama-3.2-1b --batches 256 --chunk 32 \
+      --query-len 64 --doc-len 256
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/train_throughput.py \
+      --models qwen2.5-1.5b --batches 256 --chunk 32 --query-len 64 --doc-len 256 --fsdp 8 --compile-only
+
 Each setting runs in a fresh process when there are several (`--isolate`, default): peak memory
 is then the setting's own and an out-of-memory cannot poison the next setting.
 """
@@ -42,6 +52,26 @@ MODELS = {  # the peer's two random-init encoders (BertConfig defaults otherwise
     "minilm-l6": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),  # --quick
 }
+# Decoder LLMs with their published shapes (DecoderConfig fields), random init.
+DECODERS = {
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
+                         rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960,
+                         rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768, tie_word_embeddings=True),
+    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192, head_dim=64,
+                         rms_norm_eps=1e-5, rope_theta=5e5, rope_type="llama3", rope_factor=32.0,
+                         rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                         rope_original_max_position_embeddings=8192, max_position_embeddings=131072,
+                         tie_word_embeddings=True),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
+                         rms_norm_eps=1e-5, rope_theta=1e5, max_position_embeddings=8192, tie_word_embeddings=True),
+    "tiny-llama": dict(model_type="llama", vocab_size=1000, hidden_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=128),  # CPU smoke runs
+}
 GIB = 2 ** 30
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM")
 
@@ -62,12 +92,21 @@ class Setting:
     warmup: int = 2
     prng: str = "threefry2x32"
     compile_only: bool = False  # only XLA's memory plan and the compile time (e.g. on CPU for GPU shapes)
+    fsdp: int = 1  # mesh.fsdp: parameters and optimiser state split over this many devices
     peak_tflops: float | None = None  # None: 989 on GPU (H100/H200 dense bf16), no MFU elsewhere
     note: str = ""
 
 
 def flops_per_step(model: str, batch: int, query_len: int, doc_len: int) -> float:
-    """The peer's formula: per token 3 x L x (2 (4 d^2 + 2 d f) + 4 T d), summed over both sides."""
+    """The peer's formula: per token 3 x L x (2 (4 d^2 + 2 d f) + 4 T d), summed over both sides.
+    Decoders: q/o of heads x head_dim, k/v of kv_heads x head_dim, SwiGLU's three d x f matrices."""
+    if model in DECODERS:
+        m = DECODERS[model]
+        d, layers, f = m["hidden_size"], m["num_hidden_layers"], m["intermediate_size"]
+        hd = m.get("head_dim") or d // m["num_attention_heads"]
+        q, kv = m["num_attention_heads"] * hd, m["num_key_value_heads"] * hd
+        per_token = lambda seq: 3 * layers * (2 * (2 * d * q + 2 * d * kv + 3 * d * f) + 4 * seq * q)
+        return batch * (query_len * per_token(query_len) + doc_len * per_token(doc_len))
     m = MODELS[model]
     d, layers, f = m["hidden_size"], m["num_hidden_layers"], m["intermediate_size"]
     per_token = lambda seq: 3 * layers * (2 * (4 * d * d + 2 * d * f) + 4 * seq * d)
@@ -87,7 +126,9 @@ def run_setting(s: Setting) -> dict[str, Any]:
     jax.config.update("jax_default_prng_impl", s.prng)
     from bixse_jax import grad_cache, parallel, step as step_lib
     from bixse_jax.default_config import base_config
-    from bixse_jax.models.bert import EncoderConfig, init_params
+    from bixse_jax.models import architectures
+    from bixse_jax.models.bert import EncoderConfig
+    from bixse_jax.models.decoder import DecoderConfig
     from bixse_jax.models.encoder import SentenceEncoder
 
     device = jax.devices()[0]
@@ -96,20 +137,39 @@ def run_setting(s: Setting) -> dict[str, Any]:
                               "jax": jax.__version__}
     peak = s.peak_tflops if s.peak_tflops is not None else (989.0 if device.platform == "gpu" else None)
     record["peak_tflops"] = peak
-    mesh = parallel.make_mesh(-1)
+    mesh = parallel.make_mesh(-1, s.fsdp)
     if s.batch % mesh.size:
         raise ValueError(f"batch {s.batch} is not divisible by the {mesh.size} devices")
     config = base_config()
     config.train.warmup_steps, config.train.num_steps = 10, 1000
-    enc_config = EncoderConfig(**MODELS[s.model], vocab_size=30522, max_position_embeddings=512,
-                               hidden_dropout_prob=s.dropout, dtype=s.dtype, remat=s.remat,
-                               attention_impl=None if s.attention == "default" else s.attention)
-    encoder = SentenceEncoder(enc_config)
-    use_dropout = s.dropout > 0
+    config.mesh.fsdp = s.fsdp
+    attention = None if s.attention == "default" else s.attention
+    if s.model in DECODERS:  # no dropout in decoders; last-token pooling
+        enc_config = DecoderConfig(**DECODERS[s.model], dtype=s.dtype, remat=s.remat, attention_impl=attention)
+        encoder = SentenceEncoder(enc_config, pooling="last")
+        use_dropout = False
+    else:
+        enc_config = EncoderConfig(**MODELS[s.model], vocab_size=30522, max_position_embeddings=512,
+                                   hidden_dropout_prob=s.dropout, dtype=s.dtype, remat=s.remat,
+                                   attention_impl=attention)
+        encoder = SentenceEncoder(enc_config)
+        use_dropout = s.dropout > 0
+    record["parameters"] = sum(math.prod(x.shape) for x in jax.tree.leaves(architectures.param_shapes(enc_config)))
     tx, schedule = step_lib.make_optimizer(config.train)
-    init = jax.jit(lambda key: step_lib.init_state(init_params(enc_config, key), config.loss, tx, seed=0),
-                   out_shardings=parallel.replicated(mesh))
-    state = init(jax.random.PRNGKey(0))
+    make_state = lambda key: step_lib.init_state(architectures.init_params(enc_config, key), config.loss, tx, seed=0)
+    abstract = jax.eval_shape(make_state, jax.random.PRNGKey(0))  # shapes only: nothing allocated
+    rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
+    param_shardings = parallel.param_shardings(abstract.params, mesh, rules, architectures.param_axes(enc_config))
+    params_sds = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                              abstract.params, param_shardings)
+    replicated = parallel.replicated(mesh)
+    state_shardings = abstract.replace(step=replicated, rng=replicated, params=param_shardings,
+                                       opt_state=step_lib._opt_state_shardings(tx, params_sds, mesh))
+    if s.compile_only:  # lowered from shapes: a model far larger than this host's memory still compiles
+        state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                             abstract, state_shardings)
+    else:
+        state = jax.jit(make_state, out_shardings=state_shardings)(jax.random.PRNGKey(0))
     if s.chunk:
         grad_cache.check_chunk(s.batch, s.chunk, mesh)
         step = grad_cache.make_cached_train_step(step_lib.make_embed_fn(encoder, use_dropout),
@@ -130,8 +190,13 @@ def run_setting(s: Setting) -> dict[str, Any]:
                  "grades": jnp.full((s.batch,), 0.8, jnp.float32)}
         return jax.lax.with_sharding_constraint(batch, parallel.batch_sharding(mesh))
 
-    batches = [make_batch(jax.random.PRNGKey(i + 1)) for i in range(2)]
-    jax.block_until_ready(batches)
+    if s.compile_only:
+        batches = [jax.eval_shape(make_batch, jax.random.PRNGKey(1))]
+        batches = [jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.batch_sharding(mesh)),
+                                batches[0])]
+    else:
+        batches = [make_batch(jax.random.PRNGKey(i + 1)) for i in range(2)]
+        jax.block_until_ready(batches)
 
     tick = time.perf_counter()
     compiled = jitted.lower(state, batches[0]).compile()
@@ -140,6 +205,8 @@ def run_setting(s: Setting) -> dict[str, Any]:
         analysis = compiled.memory_analysis()
         record["compiled_temp_gib"] = round(analysis.temp_size_in_bytes / GIB, 3)
         record["compiled_argument_gib"] = round(analysis.argument_size_in_bytes / GIB, 3)
+        record["compiled_output_gib"] = round(analysis.output_size_in_bytes / GIB, 3)
+        record["compiled_alias_gib"] = round(analysis.alias_size_in_bytes / GIB, 3)
     except Exception:  # not every backend reports it
         record["compiled_temp_gib"] = record["compiled_argument_gib"] = None
     if s.compile_only:
@@ -271,6 +338,9 @@ def gpu_suite(runner: Runner, peak_tflops: float | None) -> None:
         if big.get("error") != "out of memory":
             break
     largest_batch(runner, bert, Setting("bert-base", 1024, **fast))
+    # Decoder LLMs (random init, real shapes; XLA attention: cuDNN's lengths cannot say "left padding").
+    for model in ("qwen2.5-0.5b", "llama-3.2-1b"):
+        runner.run(Setting(model, 256, **{**fast, "attention": "xla"}, steps=3, repeats=2, warmup=1), min_s=60)
     # Extras, if time is left: what the levers give (float32 + XLA attention; remat).
     runner.run(Setting("bert-base", 1024, dtype="float32", attention="xla", remat="none", peak_tflops=peak_tflops))
     runner.run(Setting("bert-base", 1024, **{**fast, "remat": "dots"}))
@@ -286,7 +356,8 @@ def _strs(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", type=_strs, default=["bert-base", "minilm-l6"], help=f"comma list of {sorted(MODELS)}")
+    p.add_argument("--models", type=_strs, default=["bert-base", "minilm-l6"],
+                   help=f"comma list of {sorted(MODELS)} or decoders {sorted(DECODERS)}")
     p.add_argument("--batches", type=_ints, default=[256, 1024], help="comma list of global batch sizes (pairs)")
     p.add_argument("--dtype", type=_strs, default=["bfloat16"], help="compute dtypes (params stay float32)")
     p.add_argument("--attention", type=_strs, default=["default"], help="default | xla | cudnn | einsum")
@@ -298,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=5, help="steps per timed window")
     p.add_argument("--repeats", type=int, default=3, help="timed windows")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--fsdp", type=int, default=1, help="mesh.fsdp: devices that split parameters and optimiser state")
     p.add_argument("--compile-only", action="store_true", help="report compile time and XLA's memory plan only")
     p.add_argument("--prng", default="threefry2x32", help="jax_default_prng_impl (rbg is faster on GPU)")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -327,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         settings = [Setting(m, b, dtype=dt, attention=a, remat=r, chunk=c, query_len=args.query_len,
                             doc_len=args.doc_len, dropout=args.dropout, steps=args.steps, repeats=args.repeats,
-                            warmup=args.warmup, prng=args.prng, compile_only=args.compile_only,
+                            warmup=args.warmup, prng=args.prng, compile_only=args.compile_only, fsdp=args.fsdp,
                             peak_tflops=args.peak_tflops)
                     for m, b, dt, a, r, c in itertools.product(args.models, args.batches, args.dtype, args.attention,
                                                                args.remat, args.chunk)]

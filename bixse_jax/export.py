@@ -10,6 +10,14 @@ Formats (`fmt`):
   sentence-transformers  config.json, model.safetensors (PyTorch names), tokenizer files, modules.json,
                          sentence_bert_config.json, config_sentence_transformers.json, 1_Pooling/,
                          2_Normalize/ (if normalised): `SentenceTransformer(out)`.
+  hf                     config.json, model.safetensors, tokenizer files: `transformers.AutoModel
+                         .from_pretrained(out)` (PyTorch); the sentence-transformers folder less its modules.
+Decoder LLMs (llama, qwen2, qwen3) export as `hf` and `sentence-transformers` (architectures
+LlamaModel / Qwen2Model / Qwen3Model, transformers' tensor names, last-token pooling, a tokenizer
+that pads on the right with a named pad token, and appends eos if the model was trained with
+model.append_eos). `hf-flax` refuses them: transformers' Flax Llama exists in 4.x only (no Flax
+Qwen2 / Qwen3; transformers 5 has no Flax). Nor is a model trained with model.bidirectional
+exported: transformers would run it causally and embed differently.
 Both add bixse.json (pooling, normalisation, query prompt, lengths, learned t and b, provenance), so
 `models.sentence_model.load_encoder` gets back everything `inference.encode` and
 `inference.predict_relevance` need.
@@ -32,14 +40,15 @@ import numpy as np
 
 from bixse_jax import checkpoint
 from bixse_jax.errors import UserError
-from bixse_jax.models import hf_io
+from bixse_jax.models import architectures, hf_io
 from bixse_jax.models.sentence_model import SIDECAR_NAME, SentenceModel, max_length
 
-FORMATS = ("hf-flax", "sentence-transformers")
+FORMATS = ("hf-flax", "sentence-transformers", "hf")
 # Every file a HF tokenizer of the BERT / RoBERTa / XLM-R families may need; those present are copied.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model")
-_ARCHITECTURES = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
+_ARCHITECTURES = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
+                  "llama": "LlamaModel", "qwen2": "Qwen2Model", "qwen3": "Qwen3Model"}
 # The pre-v3 module names: every sentence-transformers release (2.x to 6.x) resolves them.
 _ST_MODULE = "sentence_transformers.models."
 _POOLER_SEED = 0
@@ -74,15 +83,27 @@ def export_model(model: SentenceModel, out: str | os.PathLike, fmt: str, *, over
         if out == path or out in path.parents:
             raise ExportError(f"{out}: would replace {path}, which the export reads from; choose another --out")
     hf_io.parse_size(max_shard_size)  # a bad size fails before anything is written
-    pooler, pooler_origin = _pooler(model)
+    decoder = architectures.is_decoder(model.config)
+    if decoder:
+        _check_decoder_export(model, fmt)
+        pooler, pooler_origin = {}, "none (decoder)"
+    else:
+        pooler, pooler_origin = _pooler(model)
+        pooler = {"pooler": pooler}
     with _staged_folder(out) as tmp:
         _write_json(tmp / "config.json", _hf_config(model))
         if fmt == "hf-flax":
-            hf_io.save_flax_weights(tmp, {**model.params, "pooler": pooler}, max_shard_size)
+            hf_io.save_flax_weights(tmp, {**model.params, **pooler}, max_shard_size)
+        elif decoder:
+            hf_io.save_decoder_torch_weights(tmp, model.params)
         else:
-            hf_io.save_torch_weights(tmp, {**model.params, "pooler": pooler})
+            hf_io.save_torch_weights(tmp, {**model.params, **pooler})
+        if fmt == "sentence-transformers":
             _write_sentence_transformers_files(tmp, model)
-        _copy_tokenizer(model.model_dir, tmp)
+        if decoder:
+            _write_decoder_tokenizer(model, tmp)
+        else:
+            _copy_tokenizer(model.model_dir, tmp)
         _write_json(tmp / SIDECAR_NAME, _sidecar(model, fmt, pooler_origin))
     return out
 
@@ -90,6 +111,59 @@ def export_model(model: SentenceModel, out: str | os.PathLike, fmt: str, *, over
 def _check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _check_decoder_export(model: SentenceModel, fmt: str) -> None:
+    if fmt == "hf-flax":
+        raise ExportError(f"hf-flax export is for BERT-family models, not {model.config.model_type}: transformers' "
+                          f"Flax Llama exists in 4.x only (no Flax Qwen2 / Qwen3, and transformers 5 has no Flax); "
+                          f"use --format hf or sentence-transformers (PyTorch safetensors)")
+    if model.config.bidirectional:
+        raise ExportError(f"{model.config.model_type} trained with model.bidirectional cannot be exported: "
+                          f"transformers and sentence-transformers would run it with a causal mask")
+    if model.settings.pooling != "last":
+        raise ExportError(f"{model.config.model_type} exports need last-token pooling (sentence-transformers' "
+                          f"lasttoken), got {model.settings.pooling!r}")
+
+
+def _write_decoder_tokenizer(model: SentenceModel, tmp: pathlib.Path) -> None:
+    """tokenizer.json as bixse-jax tokenises (eos appended when the run did so), and a tokenizer_config.json
+    that names a pad token and pads on the right, where transformers' positions equal bixse-jax's."""
+    import tokenizers
+    source = pathlib.Path(model.model_dir)
+    if not (source / "tokenizer.json").is_file():
+        raise ExportError(f"{source}: no tokenizer.json to export with a {model.config.model_type} model")
+    tok = tokenizers.Tokenizer.from_file(str(source / "tokenizer.json"))
+    tok.no_padding()
+    tok.no_truncation()
+    append = model.tokenizer.append_id
+    if append is not None:
+        eos = tok.id_to_token(append)
+        appended = tokenizers.processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1",
+                                                            special_tokens=[(eos, append)])
+        tok.post_processor = (appended if tok.post_processor is None
+                              else tokenizers.processors.Sequence([tok.post_processor, appended]))
+    tok.save(str(tmp / "tokenizer.json"))
+    settings = {}
+    if (source / "tokenizer_config.json").is_file():
+        try:
+            settings = json.loads((source / "tokenizer_config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ExportError(f"{source / 'tokenizer_config.json'}: cannot read: {e}") from e
+    settings.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    pad = tok.id_to_token(model.tokenizer.pad_id)
+    settings.update(pad_token=pad, padding_side="right", truncation_side="right",
+                    model_max_length=max_length(model, query=False))
+    for key, token_id in (("eos_token", model.config.eos_token_id),):
+        if token_id is not None and key not in settings:
+            settings[key] = tok.id_to_token(token_id)
+    _write_json(tmp / "tokenizer_config.json", settings)
+    for name in ("special_tokens_map.json", "added_tokens.json"):
+        if (source / name).is_file():
+            special = json.loads((source / name).read_text())
+            if name == "special_tokens_map.json" and isinstance(special, dict):
+                special["pad_token"] = pad
+            _write_json(tmp / name, special)
 
 
 def _check_target(out: pathlib.Path, overwrite: bool) -> None:
@@ -147,10 +221,14 @@ def _source_hf_config(model: SentenceModel) -> dict[str, Any]:
 
 def _hf_config(model: SentenceModel) -> dict[str, Any]:
     """The source config.json (keeping fields HF uses and we don't), with our architecture fields."""
-    hf = {k: v for k, v in _source_hf_config(model).items() if k not in ("_name_or_path", "transformers_version")}
+    drop = ("_name_or_path", "transformers_version", "rope_scaling", "rope_parameters", "rope_theta",
+            "dtype", "torch_dtype", "bidirectional")
+    hf = {k: v for k, v in _source_hf_config(model).items() if k not in drop}
     hf.update(model.config.to_hf_dict())
     hf["architectures"] = [_ARCHITECTURES[model.config.model_type]]
     hf["torch_dtype"] = "float32"
+    if architectures.is_decoder(model.config):
+        hf["dtype"] = "float32"  # transformers 5's name; the weights are written in float32
     return dict(sorted(hf.items()))
 
 

@@ -222,7 +222,24 @@ def init_sharded_state(encoder_params: dict, config: ml_collections.ConfigDict, 
     rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
     params = jax.device_put(state.params, parallel.param_shardings(state.params, mesh, rules, encoder_axes))
     replicate = lambda x: jax.device_put(x, parallel.replicated(mesh))
-    # Moments inherit the parameters' shardings; counters (made from constants) are replicated.
-    opt_state = jax.tree.map(lambda x: x if x.ndim and len(x.sharding.device_set) == mesh.size else replicate(x),
-                             jax.jit(tx.init)(params))
+    # Moments take their parameter's sharding (XLA left to itself replicates them); counters are replicated.
+    opt_state = jax.jit(tx.init, out_shardings=_opt_state_shardings(tx, params, mesh))(params)
     return TrainState(step=replicate(state.step), params=params, opt_state=opt_state, rng=replicate(state.rng))
+
+
+def _opt_state_shardings(tx: optax.GradientTransformation, params: Any, mesh: Mesh) -> Any:
+    """Per optimiser-state leaf: the sharding of the parameter it mirrors (a leaf whose path ends with
+    that parameter's path and has its shape, e.g. Adam's mu and nu), else replicated."""
+    def names(path: tuple) -> tuple:
+        return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
+    by_path = {names(path): x for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    replicated = parallel.replicated(mesh)
+
+    def sharding(path: tuple, leaf: Any) -> Any:
+        key = names(path)
+        for i in range(len(key)):
+            param = by_path.get(key[i:])
+            if param is not None and param.shape == leaf.shape:
+                return param.sharding
+        return replicated
+    return jax.tree_util.tree_map_with_path(sharding, jax.eval_shape(tx.init, params))

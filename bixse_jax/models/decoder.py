@@ -121,6 +121,28 @@ class DecoderConfig:
                                         self.rope_low_freq_factor, self.rope_high_freq_factor,
                                         self.rope_original_max_position_embeddings)
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The architecture in transformers' config.json vocabulary (the inverse of `from_hf_dict`).
+
+        RoPE is written both ways: transformers 5's `rope_parameters` and 4's `rope_theta` +
+        `rope_scaling`. Training-time fields (dtype, remat, bidirectional, ...) are not HF's.
+        """
+        rope_params: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        if self.rope_type == "llama3":
+            rope_params.update(factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
+                               high_freq_factor=self.rope_high_freq_factor,
+                               original_max_position_embeddings=self.rope_original_max_position_embeddings)
+        scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"} if self.rope_type != "default" else None
+        hf = {name: getattr(self, name) for name in (
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "hidden_act", "max_position_embeddings", "rms_norm_eps", "attention_bias", "tie_word_embeddings",
+            "pad_token_id", "eos_token_id", "model_type")}
+        hf.update(num_key_value_heads=self.kv_heads, head_dim=self.dim_per_head, rope_theta=self.rope_theta,
+                  rope_scaling=scaling, rope_parameters=rope_params)
+        if self.model_type == "llama":
+            hf["mlp_bias"] = self.mlp_bias
+        return hf
+
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], **overrides: Any) -> "DecoderConfig":
         """transformers 5's `rope_parameters` or 4's `rope_theta` + `rope_scaling` both read."""

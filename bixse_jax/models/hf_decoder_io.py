@@ -22,3 +22,18 @@ def torch_to_flax(name: str, array: np.ndarray) -> tuple[tuple[str, ...], np.nda
     elif leaf == "weight" and parents and parents[-1].endswith("_proj"):
         leaf, array = "kernel", array.T
     return tuple(parents) + (leaf,), array
+
+
+def flax_to_torch(params: dict) -> dict[str, np.ndarray]:
+    """The inverse of `torch_to_flax`: the parameter tree -> transformers' names, [out, in] float32 kernels."""
+    from flax import traverse_util
+    out = {}
+    for path, array in traverse_util.flatten_dict(params).items():
+        *parents, leaf = path
+        array = np.asarray(array, dtype=np.float32)
+        if leaf == "kernel":
+            leaf, array = "weight", array.T
+        elif leaf == "embedding":
+            leaf = "weight"
+        out[".".join([*parents, leaf])] = np.ascontiguousarray(array)
+    return out

@@ -389,6 +389,13 @@ def save_torch_weights(out_dir: pathlib.Path, params: dict) -> str:
     return SAFE_WEIGHTS_NAME
 
 
+def save_decoder_torch_weights(out_dir: pathlib.Path, params: dict) -> str:
+    """A decoder's model.safetensors as transformers writes it (`model.layers.0.self_attn.q_proj.weight`, ...)."""
+    from safetensors.numpy import save_file
+    save_file(hf_decoder_io.flax_to_torch(params), str(out_dir / SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+    return SAFE_WEIGHTS_NAME
+
+
 def read_pooler(model_dir: pathlib.Path) -> dict | None:
     """HF's pooler head {"dense": {"kernel", "bias"}} (Flax layout) if the folder's weights have one.
 
