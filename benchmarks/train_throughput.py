@@ -331,10 +331,11 @@ def gpu_suite(runner: Runner, peak_tflops: float | None) -> None:
         fast["attention"] = bert["attention"]  # keep the XLA fallback if cuDNN attention failed
     runner.run(Setting("minilm-l6", 4096, **fast))
     # 65,536 pairs through gradient caching (~18 s a step on one H100/H200: one timed step). The
-    # loss's [B, B] matrices alone need ~33 bytes a cell in XLA's CPU plan, ~140 GB at 65,536, so
-    # on an 80 GB card expect "out of memory" and fall back to 32,768 pairs.
+    # loss runs row-blocked (loss.impl auto beyond one block), so no [B, B] matrix is formed; XLA's
+    # CPU plan of this step is ~50 GB at sub-batches of 256 pairs and grows with the sub-batch, not
+    # with B (docs/benchmarks.md). 32,768 pairs if 65,536 does not fit.
     for batch in (65536, 32768):
-        big = runner.run(Setting("bert-base", batch, chunk=512, steps=1, repeats=1, warmup=1, **fast), min_s=60)
+        big = runner.run(Setting("bert-base", batch, chunk=256, steps=1, repeats=1, warmup=1, **fast), min_s=60)
         if big.get("error") != "out of memory":
             break
     largest_batch(runner, bert, Setting("bert-base", 1024, **fast))
