@@ -79,17 +79,9 @@ class EncoderConfig:
                 f"model_type {self.model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
         if self.hidden_act not in _ACTIVATIONS:
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
-        if self.matmul_dtype not in (None, "float32", "bfloat16"):
-            raise ConfigError(f"matmul_dtype {self.matmul_dtype!r} is not one of None, 'float32', 'bfloat16'")
-        if self.dense_impl not in DENSE_IMPLS:
-            raise ConfigError(f"dense_impl {self.dense_impl!r} is not one of {DENSE_IMPLS}")
-        if self.dense_impl == "mkl" and (self.dtype != "float32" or self.matmul_dtype not in (None, "float32")):
-            raise ConfigError(f"dense_impl 'mkl' multiplies in float32; dtype is {self.dtype!r} "
-                              f"and matmul_dtype {self.matmul_dtype!r}")
+        check_compute_settings(self)
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by "
                               f"num_attention_heads {self.num_attention_heads}")
@@ -122,6 +114,19 @@ class EncoderConfig:
         """The architecture fields, in HF's config.json vocabulary."""
         skip = {"dtype", "matmul_dtype", "remat", "attention_impl", "dense_impl"}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+
+
+def check_compute_settings(cfg: Any) -> None:
+    """How any encoder family computes (dtype, matmul_dtype, dense_impl, remat): one check for all."""
+    if cfg.matmul_dtype not in (None, "float32", "bfloat16"):
+        raise ConfigError(f"matmul_dtype {cfg.matmul_dtype!r} is not one of None, 'float32', 'bfloat16'")
+    if cfg.dense_impl not in DENSE_IMPLS:
+        raise ConfigError(f"dense_impl {cfg.dense_impl!r} is not one of {DENSE_IMPLS}")
+    if cfg.dense_impl == "mkl" and (cfg.dtype != "float32" or cfg.matmul_dtype not in (None, "float32")):
+        raise ConfigError(f"dense_impl 'mkl' multiplies in float32; dtype is {cfg.dtype!r} "
+                          f"and matmul_dtype {cfg.matmul_dtype!r}")
+    if cfg.remat not in REMAT_POLICIES:
+        raise ConfigError(f"remat {cfg.remat!r} is not one of {sorted(REMAT_POLICIES)}")
 
 
 def dense_dtype_and_dot(cfg: Any) -> tuple[str, Any]:

@@ -28,7 +28,7 @@ from flax import linen as nn
 
 from bixse_jax.errors import ConfigError
 from bixse_jax.models import rope
-from bixse_jax.models.bert import _ACTIVATIONS, REMAT_POLICIES, dense_dtype_and_dot
+from bixse_jax.models.bert import _ACTIVATIONS, REMAT_POLICIES, check_compute_settings, dense_dtype_and_dot
 from bixse_jax.models.decoder import gqa_attention
 
 MODERNBERT_MODEL_TYPES = ("modernbert",)
@@ -86,15 +86,7 @@ class ModernBertConfig:
         if self.attention_impl not in MODERNBERT_ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl {self.attention_impl!r} is not one of {MODERNBERT_ATTENTION_IMPLS} "
                               f"for modernbert (cuDNN's lengths cannot express a sliding window)")
-        if self.matmul_dtype not in (None, "float32", "bfloat16"):
-            raise ConfigError(f"matmul_dtype {self.matmul_dtype!r} is not one of None, 'float32', 'bfloat16'")
-        if self.dense_impl not in ("xla", "mkl"):
-            raise ConfigError(f"dense_impl {self.dense_impl!r} is not one of ('xla', 'mkl')")
-        if self.dense_impl == "mkl" and (self.dtype != "float32" or self.matmul_dtype not in (None, "float32")):
-            raise ConfigError(f"dense_impl 'mkl' multiplies in float32; dtype is {self.dtype!r} "
-                              f"and matmul_dtype {self.matmul_dtype!r}")
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        check_compute_settings(self)
         if self.hidden_dropout_prob:
             raise ConfigError(f"modernbert encoders here have no dropout; model.dropout must be 0 or unset, "
                               f"got {self.hidden_dropout_prob}")
