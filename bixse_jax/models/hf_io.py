@@ -27,7 +27,7 @@ import numpy as np
 from flax import traverse_util
 
 from bixse_jax.errors import UserError
-from bixse_jax.models import architectures
+from bixse_jax.models import architectures, hf_decoder_io
 from bixse_jax.models.architectures import ModelConfig
 
 # Tensors that exist in HF checkpoints but play no part in a sentence encoder.
@@ -155,23 +155,30 @@ def has_torch_weights(model_dir: pathlib.Path) -> bool:
     return (model_dir / SAFE_WEIGHTS_NAME).is_file() or (model_dir / SAFE_WEIGHTS_INDEX_NAME).is_file()
 
 
+def _weight_files(single: pathlib.Path, index_path: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str]] | None:
+    """([the one weights file] or the shards its index names, the index's weight_map); None if neither exists."""
+    if single.is_file():
+        return [single], {}
+    if not index_path.is_file():
+        return None
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelLoadError(f"{index_path}: field 'weight_map' is missing or empty")
+    files = [index_path.parent / name for name in sorted(set(weight_map.values()))]
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise ModelLoadError(f"{index_path}: shard files named in 'weight_map' are missing: {absent}")
+    return files, weight_map
+
+
 def read_weights(model_dir: pathlib.Path) -> dict[str, np.ndarray]:
     """Tensor name -> float32 array from model.safetensors or the shards its index names."""
-    path, index_path = model_dir / SAFE_WEIGHTS_NAME, model_dir / SAFE_WEIGHTS_INDEX_NAME
-    if path.is_file():
-        files = [path]
-    elif index_path.is_file():
-        index = _read_json(index_path)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ModelLoadError(f"{index_path}: field 'weight_map' is missing or empty")
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
-        absent = [f.name for f in files if not f.is_file()]
-        if absent:
-            raise ModelLoadError(f"{index_path}: shard files named in 'weight_map' are missing: {absent}")
-    else:
+    found = _weight_files(model_dir / SAFE_WEIGHTS_NAME, model_dir / SAFE_WEIGHTS_INDEX_NAME)
+    if found is None:
         raise ModelLoadError(f"{model_dir}: no model.safetensors in the model folder "
                              f"(nor {SAFE_WEIGHTS_INDEX_NAME}, nor HF Flax weights, {FLAX_WEIGHTS_NAME})")
+    files, _ = found
     from safetensors import safe_open
     out: dict[str, np.ndarray] = {}
     for file in files:
@@ -285,21 +292,11 @@ def has_flax_weights(model_dir: pathlib.Path) -> bool:
 def read_flax_weights(model_dir: pathlib.Path) -> dict[tuple[str, ...], np.ndarray]:
     """Flattened HF Flax tree (pooler included, base-model prefix removed) from msgpack or shards."""
     from flax import serialization
-    single, index_path = model_dir / FLAX_WEIGHTS_NAME, model_dir / FLAX_WEIGHTS_INDEX_NAME
-    weight_map: dict[str, str] = {}
-    if single.is_file():
-        files = [single]
-    elif index_path.is_file():
-        index = _read_json(index_path)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ModelLoadError(f"{index_path}: field 'weight_map' is missing or empty")
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
-        absent = [f.name for f in files if not f.is_file()]
-        if absent:
-            raise ModelLoadError(f"{index_path}: shard files named in 'weight_map' are missing: {absent}")
-    else:
+    index_path = model_dir / FLAX_WEIGHTS_INDEX_NAME
+    found = _weight_files(model_dir / FLAX_WEIGHTS_NAME, index_path)
+    if found is None:
         raise ModelLoadError(f"{model_dir}: no {FLAX_WEIGHTS_NAME} nor {FLAX_WEIGHTS_INDEX_NAME}")
+    files, weight_map = found
     flat: dict[tuple[str, ...], np.ndarray] = {}
     for path in files:
         try:
