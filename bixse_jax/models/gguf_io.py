@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -177,5 +179,16 @@ def resolve(path: pathlib.Path) -> pathlib.Path:
     cache = pathlib.Path(os.environ.get("BIXSE_GGUF_CACHE", pathlib.Path.home() / ".cache" / "bixse_jax" / "gguf"))
     out = cache / f"{path.stem}-{key}"
     if not (out / "config.json").is_file():
-        gguf_to_folder(path, out)
+        # Converted beside its final name and renamed into place: a process converting the same
+        # file at the same time (parallel tests, several jobs) never reads a half-written folder.
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            gguf_to_folder(path, pathlib.Path(tmp) / "folder")
+            if out.is_dir() and not (out / "config.json").is_file():
+                shutil.rmtree(out, ignore_errors=True)  # left half-written by an older version
+            try:
+                os.replace(pathlib.Path(tmp) / "folder", out)
+            except OSError:
+                if not (out / "config.json").is_file():  # not another process's finished folder
+                    raise
     return out
