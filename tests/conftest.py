@@ -60,3 +60,15 @@ def tiny_model_dir(tmp_path_factory, minilm_path) -> pathlib.Path:
     for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"):
         shutil.copy(minilm_path / name, out / name)
     return out
+
+
+# The slowest files start first: under `pytest -n 2 --dist loadfile` (README's test command) each
+# file runs whole on one worker, in collection order, so a long file left to the end would run
+# alone while the other worker idles.
+SLOW_FILES_FIRST = ("test_parity.py", "test_preemption.py", "test_reproduce.py", "test_prefetch.py",
+                    "test_multihost.py", "test_train.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise kept
