@@ -56,7 +56,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "BiXSE binarised": {"loss.binarize_threshold": 0.5},
     "BiXSE no bias": {"loss.learn_bias": False, "loss.init_bias": 0.0},
     "InfoNCE": {"loss.name": "infonce"},
-    "soft InfoNCE": {"loss.name": "soft_infonce"},
+    "graded InfoNCE": {"loss.name": "graded_infonce"},  # soft_infonce (row-normalised) is degenerate: issue 16
     "pairwise BCE": {"loss.name": "pairwise_bce"},
 }
 ZERO_SHOT = "zero-shot"
