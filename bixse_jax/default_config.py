@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.folds = 0  # beir: k-fold cross-validation by query (0: off); train on all folds but `fold`
     c.data.fold = 0  # the held-out fold, which beir / rerank evaluators of the same split evaluate alone
     c.data.fold_seed = 0  # shuffles the queries before they are dealt into folds
+    c.data.exclude_folds = ()  # folds also left out of training (nested selection: the outer test fold)
     c.data.demo_seed = 0
     c.data.grain_workers = 0  # arrayrecord: processes that read and tokenise batches (0: in-process)
     c.data.query_max_len = 32

@@ -248,7 +248,10 @@ def _calibration(args: argparse.Namespace) -> None:
     if args.beir:
         result["split"] = args.split
     if args.plot:
-        calibration.plot(args.plot, methods, f"{pathlib.Path(str(args.model)).name} on {pathlib.Path(data).name}")
+        labels = {"model": f"sigmoid(exp(t) cos + b), t={t:.3g}, b={b:.3g}" if t is not None else "",
+                  "platt": "Platt: sigmoid(a cos + c) fitted on dev pairs"}
+        calibration.plot(args.plot, {labels[k]: r for k, r in methods.items()},
+                         f"{enc.source or args.model}\non {data}")
         result["plot"] = args.plot
     result.update(model_source=enc.source, query_max_len=enc.query_max_len, doc_max_len=enc.doc_max_len,
                   seconds=round(time.perf_counter() - start, 1))

@@ -99,7 +99,8 @@ def plot(path: str | pathlib.Path, results: dict[str, dict], title: str) -> None
         centers = [(b["low"] + b["high"]) / 2 for b in r["bins"]]
         bottom.bar(centers, [b["count"] for b in r["bins"]], width=1 / len(r["bins"]), alpha=0.4,
                    color=line.get_color(), edgecolor="none")
-    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="mean target (grade / max grade)", title=title)
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="mean target (grade / max grade)")
+    top.set_title(title, fontsize=8)
     top.legend(fontsize=8, loc="upper left")
     bottom.set(xlabel="predicted probability", ylabel="pairs")
     fig.tight_layout()
