@@ -100,12 +100,15 @@ class Cell:
     phase: str  # "select" (dev data) | "test"
     fold: int | None = None  # the evaluated fold (in a nested selection: the dev fold)
     outer_fold: int | None = None  # nested selection: the outer test fold, left out of training too
+    logit_init: str = "fixed"  # loss.init_logit_params of the BiXSE-loss rows (--logit-init)
 
     @property
     def name(self) -> str:
         fold = "" if self.fold is None else f"-fold{self.fold}"
         if self.outer_fold is not None:
             fold = f"-outer{self.outer_fold}{fold}"
+        if self.logit_init != "fixed":
+            fold += f"-tb{self.logit_init}"
         variant = self.variant.replace(" ", "_")
         return f"{self.phase}-{self.dataset}-{variant}-lr{self.learning_rate:g}-seed{self.seed}{fold}"
 
@@ -137,6 +140,8 @@ def overrides(cell: Cell, data_root: str, model: str, steps: int | None = None) 
         out.update({"train.num_steps": 0, "train.warmup_steps": 0})
     else:
         out.update(VARIANTS[cell.variant])
+        if cell.logit_init != "fixed" and VARIANTS[cell.variant].get("loss.name", "bixse") == "bixse":
+            out["loss.init_logit_params"] = cell.logit_init  # the softmax and pairwise losses have no b to fit
     if cell.fold is not None:
         out["data.fold"] = cell.fold
     if cell.outer_fold is not None:
@@ -383,6 +388,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning-rates", default=None,
                         help="candidates for the selection; one value skips it (default: LEARNING_RATES, "
                              "with --per-loss-lr PER_LOSS_LEARNING_RATES)")
+    parser.add_argument("--logit-init", default="fixed", choices=("fixed", "auto"),
+                        help="loss.init_logit_params of the rows trained with the BiXSE loss (auto: t and b fitted "
+                             "to the starting model, bixse_jax/logit_init.py)")
     parser.add_argument("--per-loss-lr", action="store_true",
                         help="select every loss's own rate on dev data, nested in the folds of cross-validated data")
     parser.add_argument("--chosen", default=None,
@@ -424,8 +432,14 @@ def finished_names(paths: str | None) -> set[str]:
 
 def _selection(args: argparse.Namespace) -> list[Cell]:
     if args.per_loss_lr:
-        return selection_cells(args.datasets, args.learning_rates, tuple(args.variants), per_loss=True)
-    return selection_cells(args.datasets, args.learning_rates)
+        cells = selection_cells(args.datasets, args.learning_rates, tuple(args.variants), per_loss=True)
+    else:
+        cells = selection_cells(args.datasets, args.learning_rates)
+    return _with_logit_init(cells, args)
+
+
+def _with_logit_init(cells: list[Cell], args: argparse.Namespace) -> list[Cell]:
+    return [dataclasses.replace(c, logit_init=args.logit_init) for c in cells]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -436,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.print_commands:  # with --chosen: the test runs at those rates; else the selection runs too
         lrs = args.chosen or {d: args.learning_rates[0] for d in args.datasets}
         select = [] if args.chosen else _selection(args)
-        for cell in select + test_cells(args.datasets, args.variants, args.seeds, lrs):
+        for cell in select + _with_logit_init(test_cells(args.datasets, args.variants, args.seeds, lrs), args):
             print(command(cell, args.data_root, args.model, os.path.join(args.out, "runs"), args.steps))
         return {}
     out.mkdir(parents=True, exist_ok=True)
@@ -458,7 +472,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "seconds": round(time.time() - start, 1)}
         (out / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")
         print(f"learning rates: {rates_json(chosen)}", flush=True)
-        cells = [c for c in test_cells(args.datasets, args.variants, args.seeds, chosen) if c.name not in done]
+        cells = [c for c in _with_logit_init(test_cells(args.datasets, args.variants, args.seeds, chosen), args)
+                 if c.name not in done]
         results = runner.run(cells, deadline)
     finally:
         runner.close()

@@ -54,6 +54,7 @@ def _cli_config(cmd: str) -> dict:
     repro.Cell("scifact", "pairwise BCE", 0, 1e-5, "test"),
     repro.Cell("trecdl", repro.ZERO_SHOT, 0, 1e-5, "test", fold=0),
     repro.Cell("trecdl", "graded InfoNCE", 0, 3e-6, "select", fold=3, outer_fold=2),
+    repro.Cell("stsb", "BiXSE binarised", 0, 3e-4, "test", logit_init="auto"),
 ])
 def test_printed_command_builds_the_config_the_driver_runs(cell, monkeypatch):
     monkeypatch.chdir(REPO)
@@ -130,13 +131,14 @@ def test_per_loss_nested_selection_with_a_fake_trainer(tmp_path, monkeypatch):
             trained = {p.query_id for p in experiment.load_train_pairs(config.data)}
             unseen = {q for k in (cell.outer_fold, cell.fold) for q in folds.held_out_queries(config.data.path, "test", 5, k)}
             assert trained and not trained & unseen
+        assert config.loss.init_logit_params == ("auto" if cell.variant == "BiXSE" else "fixed")  # bixse rows only
         value = -abs(math.log(cell.learning_rate / best_rate(cell))) if cell.phase == "select" else 0.5
         return {**dataclasses.asdict(cell), "name": cell.name, "metric": "m", "value": value, "wall_s": 0.0}
 
     monkeypatch.setattr(repro, "run_cell", fake_run_cell)
     out = tmp_path / "out"
     repro.main(["--data-root", str(data_root), "--model", "M", "--out", str(out), "--datasets", "trecdl,stsb",
-                "--variants", "BiXSE,InfoNCE,graded InfoNCE", "--seeds", "0", "--per-loss-lr"])
+                "--variants", "BiXSE,InfoNCE,graded InfoNCE", "--seeds", "0", "--per-loss-lr", "--logit-init", "auto"])
     selection = json.loads((out / "selection.json").read_text())
     assert selection["candidates"] == list(repro.PER_LOSS_LEARNING_RATES) and selection["per_loss"]
     rates = selection["learning_rates"]
