@@ -215,6 +215,8 @@ def _fit_logit_params(state: step_lib.TrainState, model: Any, config: ml_collect
     message = (f"[bixse-jax] loss.init_logit_params=auto: t={fit['log_temperature']:.4f} (exp(t)="
                f"{math.exp(fit['log_temperature']):.3f}), b={fit['bias']:.4f} from {fit['cells']} cells of "
                f"{fit['batches']} batches ({fit['iterations']} Newton steps)")
+    if fit["at_scale_floor"]:
+        message += "; WARNING: exp(t) hit its floor: the starting model's cosines do not rise with the targets"
     logging.info(message)
     print(message, file=sys.stderr, flush=True)
     return state.replace(params=params), fit
