@@ -22,8 +22,8 @@ Targets come from a table of the batch's (query id, doc id, grade) pairs sorted 
 vectorised binary search over the table; duplicates keep the max grade (sorted first), as
 targets.graded_targets does.
 
-Losses: bixse, infonce (per-row logsumexp: whole rows when blocked, online across shards on the
-ring) and pairwise_bce (blocked only, its pair grid per row in [B, block] chunks: its pairs compare
+Losses: bixse, infonce and graded_infonce (per-row logsumexp: whole rows when blocked, online across
+shards on the ring; the two differ only in their positives' weights, `softmax_weights`) and pairwise_bce (blocked only, its pair grid per row in [B, block] chunks: its pairs compare
 cells of one row, which on the ring live on every device; a ring would need every pair of shards
 to meet, so it is refused there). soft_infonce and margin_mse stay dense-only. Metric outputs carry no gradient.
 """
@@ -43,8 +43,8 @@ from bixse_jax.errors import ConfigError
 from bixse_jax.losses import _masked_log_softmax, _prepare
 
 IMPLS = ("auto", "dense", "blocked", "ring")
-BLOCKED_LOSSES = ("bixse", "infonce", "pairwise_bce")
-RING_LOSSES = ("bixse", "infonce")
+BLOCKED_LOSSES = ("bixse", "infonce", "graded_infonce", "pairwise_bce")
+RING_LOSSES = ("bixse", "infonce", "graded_infonce")
 Stats = tuple[jax.Array, jax.Array, jax.Array, jax.Array]  # (positive sum, count, negative sum, count)
 
 
@@ -182,12 +182,23 @@ def rows_bixse(cfg, logits, targets, mask):
     return jnp.sum(jnp.where(mask, _bce(logits, targets), 0.0), axis=-1), jnp.any(mask, axis=-1)
 
 
-def rows_infonce(cfg, logits, targets, mask):
-    logits, targets, mask = _prepare(logits, targets, mask)
+def softmax_weights(cfg, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(positive cells, their weights) of the softmax losses: infonce's grade >= threshold, weight 1;
+    graded_infonce's grade > 0, weight the grade (losses.graded_infonce)."""
+    if cfg.name == "graded_infonce":
+        pos = (targets > 0) & mask
+        return pos, jnp.where(pos, targets, 0.0)
     pos = (targets >= cfg.infonce_threshold) & mask
+    return pos, pos.astype(jnp.float32)
+
+
+def rows_infonce(cfg, logits, targets, mask):
+    """infonce or graded_infonce per row: -(1 / n_pos) sum of weight * log-softmax over the positives."""
+    logits, targets, mask = _prepare(logits, targets, mask)
+    pos, weight = softmax_weights(cfg, targets, mask)
     n_pos = jnp.sum(pos.astype(jnp.float32), axis=-1)
     logp = _masked_log_softmax(logits, mask)
-    return -jnp.sum(jnp.where(pos, logp, 0.0), axis=-1) / jnp.maximum(n_pos, 1.0), n_pos > 0
+    return -jnp.sum(weight * logp, axis=-1) / jnp.maximum(n_pos, 1.0), n_pos > 0
 
 
 def rows_pairwise_bce(cfg, logits, targets, mask):
@@ -214,7 +225,8 @@ def rows_pairwise_bce(cfg, logits, targets, mask):
     return jax.lax.map(jax.checkpoint(row), (logits, targets, mask))
 
 
-ROW_LOSSES: dict[str, Callable] = {"bixse": rows_bixse, "infonce": rows_infonce, "pairwise_bce": rows_pairwise_bce}
+ROW_LOSSES: dict[str, Callable] = {"bixse": rows_bixse, "infonce": rows_infonce, "graded_infonce": rows_infonce,
+                                   "pairwise_bce": rows_pairwise_bce}
 
 
 def blocked_loss(cfg: ml_collections.ConfigDict, t: jax.Array, b: jax.Array, q: jax.Array, d: jax.Array,
@@ -266,25 +278,26 @@ def _ring_block(cfg, t, b, q, table, rows, shard):
 def _fold_block(cfg, acc: dict, l, targets, mask) -> dict:
     """Per-row accumulators after one more block of a row's cells.
 
-    a: bixse's row sum | infonce's sum of positive logits; c: the row has a cell | its number of
-    positives; m, s: infonce's online logsumexp.
+    a: bixse's row sum | the softmax losses' weighted sum of positive logits; c: the row has a cell |
+    its number of positives; w: the sum of its positives' weights; m, s: the online logsumexp.
     """
     if cfg.name == "bixse":
         return {**acc, "a": acc["a"] + jnp.sum(jnp.where(mask, _bce(l, targets), 0.0), axis=-1),
                 "c": jnp.maximum(acc["c"], jnp.any(mask, axis=-1).astype(jnp.float32))}
-    pos = (targets >= cfg.infonce_threshold) & mask
+    pos, weight = softmax_weights(cfg, targets, mask)
     m, s = _online_lse(acc["m"], acc["s"], l, mask)
-    return {"a": acc["a"] + jnp.sum(jnp.where(pos, l, 0.0), axis=-1),
-            "c": acc["c"] + jnp.sum(pos.astype(jnp.float32), axis=-1), "m": m, "s": s}
+    return {"a": acc["a"] + jnp.sum(weight * l, axis=-1), "c": acc["c"] + jnp.sum(pos.astype(jnp.float32), axis=-1),
+            "w": acc["w"] + jnp.sum(weight, axis=-1), "m": m, "s": s}
 
 
-def _grad_logits(cfg, l, targets, mask, lse, n_pos) -> jax.Array:
-    """dL/dlogits of a block, before the 1 / (included rows) factor."""
+def _grad_logits(cfg, l, targets, mask, lse, n_pos, w_sum) -> jax.Array:
+    """dL/dlogits of a block, before the 1 / (included rows) factor: (w_sum softmax - weight) / n_pos."""
     if cfg.name == "bixse":
         return jnp.where(mask, jax.nn.sigmoid(l) - targets, 0.0)
-    pos = (targets >= cfg.infonce_threshold) & mask
+    _, weight = softmax_weights(cfg, targets, mask)
     soft = jnp.where(mask, jnp.exp(l - lse[:, None]), 0.0)
-    return jnp.where((n_pos > 0)[:, None], soft - pos / jnp.maximum(n_pos, 1.0)[:, None], 0.0)
+    grad = (w_sum[:, None] * soft - weight) / jnp.maximum(n_pos, 1.0)[:, None]
+    return jnp.where((n_pos > 0)[:, None], grad, 0.0)
 
 
 def ring_loss(cfg: ml_collections.ConfigDict, mesh: Mesh, t: jax.Array, b: jax.Array, q: jax.Array,
@@ -320,7 +333,7 @@ def ring_loss(cfg: ml_collections.ConfigDict, mesh: Mesh, t: jax.Array, b: jax.A
     def forward_local(t, b, q, d, aux):
         q_chunks, row_chunks, did, table = unpack(q, aux)
         zeros = jnp.zeros((num_chunks, chunk), jnp.float32)
-        acc0 = {"a": zeros, "c": zeros, "m": jnp.full(zeros.shape, -jnp.inf), "s": zeros}
+        acc0 = {"a": zeros, "c": zeros, "w": zeros, "m": jnp.full(zeros.shape, -jnp.inf), "s": zeros}
 
         def step(carry, _):
             shard, acc, stats = carry
@@ -342,12 +355,12 @@ def ring_loss(cfg: ml_collections.ConfigDict, mesh: Mesh, t: jax.Array, b: jax.A
             per_row, lse = acc["a"], jnp.zeros_like(acc["a"])
         else:
             lse = jnp.where(included, acc["m"] + jnp.log(acc["s"]), 0.0)
-            per_row = lse - acc["a"] / jnp.maximum(acc["c"], 1.0)
+            per_row = (acc["w"] * lse - acc["a"]) / jnp.maximum(acc["c"], 1.0)
         total = jax.lax.psum(jnp.sum(jnp.where(included, per_row, 0.0)), axes)
         count = jax.lax.psum(jnp.sum(included.astype(jnp.float32)), axes)
-        return total / jnp.maximum(count, 1.0), jax.lax.psum(stats, axes), lse, acc["c"], count
+        return total / jnp.maximum(count, 1.0), jax.lax.psum(stats, axes), lse, acc["c"], acc["w"], count
 
-    def backward_local(t, b, q, d, aux, lse, n_pos, count, g):
+    def backward_local(t, b, q, d, aux, lse, n_pos, w_sum, count, g):
         q_chunks, row_chunks, did, table = unpack(q, aux)
         scale, weight = jnp.exp(t), g / jnp.maximum(count, 1.0)
 
@@ -356,14 +369,15 @@ def ring_loss(cfg: ml_collections.ConfigDict, mesh: Mesh, t: jax.Array, b: jax.A
 
             def one_chunk(acc, x):
                 g_d, g_t, g_b = acc
-                q_c, rows_c, lse_c, n_pos_c = x
+                q_c, rows_c, lse_c, n_pos_c, w_sum_c = x
                 scores, _, l, targets, _, mask = _ring_block(cfg, t, b, q_c, table, rows_c, shard)
-                g_l = weight * _grad_logits(cfg, l, targets, mask, lse_c, n_pos_c)
+                g_l = weight * _grad_logits(cfg, l, targets, mask, lse_c, n_pos_c, w_sum_c)
                 g_s = scale * g_l
                 return (g_d + g_s.T @ q_c, g_t + jnp.sum(g_s * scores), g_b + jnp.sum(g_l)), g_s @ shard[0]
 
             (g_d, g_t, g_b), g_q_chunks = jax.lax.scan(one_chunk, (shard[3], g_t, g_b),
-                                                       (q_chunks, row_chunks, split(lse), split(n_pos)))
+                                                       (q_chunks, row_chunks, split(lse), split(n_pos),
+                                                        split(w_sum)))
             shard = shard[:3] + (g_d,)  # dL/dd travels with its documents
             return (hop(shard), g_q + merge(g_q_chunks), g_t, g_b), None
 
@@ -372,8 +386,8 @@ def ring_loss(cfg: ml_collections.ConfigDict, mesh: Mesh, t: jax.Array, b: jax.A
         return jax.lax.psum(g_t, axes), jax.lax.psum(g_b, axes), g_q, shard[3]
 
     ins = (whole, whole, rows_spec, rows_spec, aux_spec)
-    forward = sharded(forward_local, ins, (whole, (whole,) * 4, rows_spec, rows_spec, whole))
-    backward = sharded(backward_local, ins + (rows_spec, rows_spec, whole, whole),
+    forward = sharded(forward_local, ins, (whole, (whole,) * 4, rows_spec, rows_spec, rows_spec, whole))
+    backward = sharded(backward_local, ins + (rows_spec, rows_spec, rows_spec, whole, whole),
                        (whole, whole, rows_spec, rows_spec))
 
     @jax.custom_vjp
@@ -381,12 +395,12 @@ def ring_loss(cfg: ml_collections.ConfigDict, mesh: Mesh, t: jax.Array, b: jax.A
         return forward(t, b, q, d, aux)[:2]
 
     def fwd(t, b, q, d, aux):
-        loss, stats, lse, n_pos, count = forward(t, b, q, d, aux)
-        return (loss, stats), (t, b, q, d, aux, lse, n_pos, count)
+        loss, stats, lse, n_pos, w_sum, count = forward(t, b, q, d, aux)
+        return (loss, stats), (t, b, q, d, aux, lse, n_pos, w_sum, count)
 
     def bwd(res, cotangent):  # the metric sums' cotangent is dropped: metrics carry no gradient
-        t, b, q, d, aux, lse, n_pos, count = res
-        g_t, g_b, g_q, g_d = backward(t, b, q, d, aux, lse, n_pos, count, cotangent[0])
+        t, b, q, d, aux, lse, n_pos, w_sum, count = res
+        g_t, g_b, g_q, g_d = backward(t, b, q, d, aux, lse, n_pos, w_sum, count, cotangent[0])
         return g_t, g_b, g_q, g_d, jax.tree.map(lambda _: None, aux)
 
     loss_of.defvjp(fwd, bwd)

@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.folds = 0  # beir: k-fold cross-validation by query (0: off); train on all folds but `fold`
     c.data.fold = 0  # the held-out fold, which beir / rerank evaluators of the same split evaluate alone
     c.data.fold_seed = 0  # shuffles the queries before they are dealt into folds
+    c.data.exclude_folds = ()  # folds also left out of training (nested selection: the outer test fold)
     c.data.demo_seed = 0
     c.data.grain_workers = 0  # arrayrecord: processes that read and tokenise batches (0: in-process)
     c.data.query_max_len = 32
@@ -51,11 +52,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.buckets = DEFAULT_BUCKETS
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.name = "bixse"  # bixse | infonce | soft_infonce | pairwise_bce | margin_mse
+    c.loss.name = "bixse"  # bixse | infonce | graded_infonce | soft_infonce | pairwise_bce | margin_mse
     c.loss.init_log_temperature = math.log(10.0)
     c.loss.init_bias = -10.0
     c.loss.learn_temperature = True
     c.loss.learn_bias = True
+    # fixed: t and b start at the two values above; auto (bixse only): the learnable ones of t and b
+    # are first fitted by logistic regression to the frozen starting encoder's cosines and the loss's
+    # own targets over the first init_fit_batches batches (bixse_jax/logit_init.py); a resume never refits.
+    c.loss.init_logit_params = "fixed"  # fixed | auto
+    c.loss.init_fit_batches = 4  # auto: global batches the fit reads (the run's first ones)
+    c.loss.init_fit_rows = 1024  # auto: at most this many rows (queries) of each, against all its documents
     c.loss.infonce_threshold = 0.5  # infonce: grades >= this are positives
     c.loss.diagonal_only = False  # ablation: only pair i labels cell (i, i)
     c.loss.binarize_threshold = ml_collections.FieldReference(None, field_type=float)  # ablation

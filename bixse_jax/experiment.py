@@ -60,11 +60,14 @@ def load_train_pairs(cfg: ml_collections.ConfigDict) -> list[sources.GradedPair]
     if not cfg.path:
         raise ConfigError(f"data.kind={cfg.kind!r} needs --config.data.path=FILE_OR_FOLDER")
     pairs = sources.load_pairs(cfg.kind, cfg.path, **kwargs)
+    if cfg.exclude_folds and not cfg.folds:
+        raise ConfigError("data.exclude_folds needs data.folds (cross-validation by query)")
     if cfg.folds:
-        held_out = held_out_fold(cfg)
+        held_out = held_out_fold(cfg) | excluded_folds(cfg)
         pairs = [p for p in pairs if p.query_id not in held_out]
         if not pairs:
-            raise UserError(f"{cfg.path}: no training pairs left outside fold {cfg.fold} of {cfg.folds}")
+            raise UserError(f"{cfg.path}: no training pairs left outside folds "
+                            f"{sorted({cfg.fold, *cfg.exclude_folds})} of {cfg.folds}")
     return pairs
 
 
@@ -73,6 +76,20 @@ def held_out_fold(cfg: ml_collections.ConfigDict) -> set[str]:
     from bixse_jax.data import folds
 
     return folds.held_out_queries(cfg.path, cfg.split, cfg.folds, cfg.fold, cfg.fold_seed)
+
+
+def excluded_folds(cfg: ml_collections.ConfigDict) -> set[str]:
+    """Query ids of `data.exclude_folds`: folds kept out of training besides the evaluated `data.fold`
+    (a nested learning-rate selection trains on the folds other than its dev fold and the outer test fold)."""
+    from bixse_jax.data import folds
+
+    out: set[str] = set()
+    for fold in cfg.exclude_folds:
+        if fold == cfg.fold:
+            raise ConfigError(f"data.exclude_folds {tuple(cfg.exclude_folds)} holds data.fold={cfg.fold}, "
+                              "which is held out already")
+        out |= folds.held_out_queries(cfg.path, cfg.split, cfg.folds, int(fold), cfg.fold_seed)
+    return out
 
 
 def make_batcher(config: ml_collections.ConfigDict, model: SentenceModel,

@@ -11,7 +11,7 @@ Numerics: inputs are cast to float32; masked logits are first replaced by 0
 and only then, where a softmax needs it, by a large negative number.
 
 BiXSE (`bixse`) is the pointwise sigmoid BCE; the others are the baselines it
-is compared against (InfoNCE, soft-label InfoNCE, RankNet, Margin-MSE).
+is compared against (InfoNCE, grade-weighted InfoNCE, soft-label InfoNCE, RankNet, Margin-MSE).
 """
 
 from typing import Callable
@@ -87,10 +87,37 @@ def infonce(
     return _row_mean(nll, n_pos > 0)
 
 
+def graded_infonce(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
+    """InfoNCE with every cell of grade g > 0 a positive, its term weighted by g.
+
+    Row i: -(1 / n_i) * sum_{j: T_ij > 0} T_ij * log softmax_j(L_i), n_i its number of positives;
+    then the mean over rows that have a positive. On binary targets this is `infonce` exactly (every
+    weight is 1). Unlike `soft_infonce`, the grades are not renormalised per row: a row whose one
+    judged pair is graded 0.04 contributes 0.04 of an InfoNCE row instead of the full weight of a
+    perfect positive, and a row's weight is the mean grade of its positives. The softmax over the
+    whole row (its other positives included, as in `infonce`) keeps it a contrastive loss: several
+    graded positives of one query compete, the better graded with the larger weight.
+    """
+    logits, targets, mask = _prepare(logits, targets, mask)
+    pos = (targets > 0) & mask
+    weight = jnp.where(pos, targets, 0.0)
+    logp = _masked_log_softmax(logits, mask)
+    n_pos = jnp.sum(pos.astype(jnp.float32), axis=-1)
+    nll = -jnp.sum(weight * logp, axis=-1) / jnp.maximum(n_pos, 1.0)
+    return _row_mean(nll, n_pos > 0)
+
+
 def soft_infonce(
     logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None
 ) -> jax.Array:
-    """Cross-entropy against the row-normalised graded targets (soft labels)."""
+    """Cross-entropy against the row-normalised graded targets (soft labels).
+
+    Degenerate when a row has one labelled cell: row-normalising gives it the whole target mass
+    whatever its grade (a pair graded 0.04 becomes a perfect positive). Kept for comparison;
+    `graded_infonce` is the soft InfoNCE the paper's table uses.
+    """
     logits, targets, mask = _prepare(logits, targets, mask)
     row_sum = jnp.sum(targets, axis=-1, keepdims=True)
     has_pos = row_sum[:, 0] > 0
@@ -158,6 +185,7 @@ def margin_mse(
 LOSSES: dict[str, Callable[..., jax.Array]] = {
     "bixse": bixse,
     "infonce": infonce,
+    "graded_infonce": graded_infonce,
     "soft_infonce": soft_infonce,
     "pairwise_bce": pairwise_bce,
     "margin_mse": margin_mse,

@@ -9,6 +9,7 @@ in grad_cache.py's loss function.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -21,7 +22,7 @@ from absl import logging
 from etils import epath
 from tqdm import tqdm
 
-from bixse_jax import checkpoint, experiment, grad_cache, parallel, step as step_lib
+from bixse_jax import checkpoint, experiment, grad_cache, logit_init, parallel, step as step_lib
 from bixse_jax.data.prefetch import Prefetcher
 from bixse_jax.errors import ConfigError
 from bixse_jax.metric_writers import MetricsWriter
@@ -85,6 +86,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     chunk = config.train.grad_cache_chunk
     if chunk:
         grad_cache.check_chunk(config.train.global_batch_size, chunk, mesh)
+    logit_init.check(config.loss)
     model = experiment.load_model(config.model)
     experiment.check_lengths(config, model)
     pairs = experiment.load_train_pairs(config.data)
@@ -112,6 +114,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     if restored is None:
         if is_lead and not resuming_config:
             checkpoint.write_config(workdir, config_json)
+        if config.loss.init_logit_params == "auto":  # a fresh start only: a resume keeps its checkpoint's t, b
+            state, summary["init_logit_params"] = _fit_logit_params(state, model, config, batcher, mesh)
     else:
         state, data_state, step = restored
         if data_state.get("next_batch") != step:
@@ -122,6 +126,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
     _write_host_record(workdir, batcher, first_batch=int(jax.device_get(state.step)))
     writer = MetricsWriter(workdir, enabled=is_lead)
+    if "init_logit_params" in summary:  # fitted: a fresh start, so step 0
+        fit = summary["init_logit_params"]
+        writer.write(0, {"init/log_temperature": fit["log_temperature"], "init/bias": fit["bias"]})
     total = config.train.num_steps if stop_after_step is None else min(stop_after_step, config.train.num_steps)
     first = int(jax.device_get(state.step))
     before = {name: e.evaluate(model.params) for name, e in evaluators.items() if e.before_training}
@@ -181,6 +188,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         manager.wait_until_finished()
         manager.close()
     summary["steps"] = int(jax.device_get(state.step))
+    final = jax.device_get({k: state.params[k] for k in ("log_temperature", "bias")})
+    summary.update({k: float(v) for k, v in final.items()})  # the run's final t and b, for results tables
     if evaluators and summary["steps"] >= config.train.num_steps:
         summary["after"] = {name: e.evaluate(state.params["encoder"]) for name, e in evaluators.items()}
         writer.write(summary["steps"], _eval_scalars(summary["after"]))
@@ -189,6 +198,28 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         with (workdir / "summary.jsonl").open("a") as f:
             f.write(json.dumps(summary) + "\n")
     return summary, state
+
+
+def _fit_logit_params(state: step_lib.TrainState, model: Any, config: ml_collections.ConfigDict, batcher: Any,
+                      mesh: Any) -> tuple[step_lib.TrainState, dict[str, Any]]:
+    """`loss.init_logit_params='auto'`: t and b fitted to the starting encoder (bixse_jax/logit_init.py)
+    on the run's first batches, as global arrays (every device's rows: the global batch), put into the
+    state with its sharding; returns the state and the fit's record."""
+    n = min(config.loss.init_fit_batches, max(config.train.num_steps, 1))
+    cells_fn = logit_init.make_cells_fn(model.encoder, config.loss, mesh, config.loss.init_fit_rows)
+    batches = (parallel.global_batch(batcher.batch(s), mesh) for s in range(n))
+    fit = logit_init.fit_from_batches(cells_fn, state.params["encoder"], batches, config.loss)
+    params = dict(state.params)
+    for key in ("log_temperature", "bias"):
+        params[key] = jax.device_put(np.asarray(fit[key], np.float32), state.params[key].sharding)
+    message = (f"[bixse-jax] loss.init_logit_params=auto: t={fit['log_temperature']:.4f} (exp(t)="
+               f"{math.exp(fit['log_temperature']):.3f}), b={fit['bias']:.4f} from {fit['cells']} cells of "
+               f"{fit['batches']} batches ({fit['iterations']} Newton steps)")
+    if fit["at_scale_floor"]:
+        message += "; WARNING: exp(t) hit its floor: the starting model's cosines do not rise with the targets"
+    logging.info(message)
+    print(message, file=sys.stderr, flush=True)
+    return state.replace(params=params), fit
 
 
 def _eval_scalars(results: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -25,6 +25,15 @@ LEARNING_RATES with the best mean dev score of BiXSE and InfoNCE at seed 0. TREC
 split is the cross-validation's test data, takes SciFact's rate. All losses then use that rate.
 The grid stays here, as the sweep's axis; the config keeps the rate the selection chose, so that
 running it alone gives the table's BiXSE cell.
+
+Per-loss selection (`--per-loss-lr`, issue 16; grid PER_LOSS_LEARNING_RATES, 3e-6 to 3e-4): every
+loss gets its own rate, the best dev score of that loss at seed 0. STS-B and SciFact select on their
+dev data as above. TREC-DL's selection is nested inside its cross-validation: for outer test fold k,
+each candidate rate trains on the three folds other than k and its dev fold (k + 1) % 5
+(`data.fold` = the dev fold, which the config's evaluator scores; `data.exclude_folds` = (k,)), and the
+rate chosen for fold k is the one best on that dev fold, so fold k's queries never influence the
+choice of the rate its test score is reported at. One inner fold per outer fold, not an inner
+cross-validation, to keep the cost at 5 x losses x rates runs.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/paper/minilm.py"  # every setting of a run; get_config(ARG) per data set
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 LEARNING_RATES = (1e-5, 3e-5, 1e-4)  # the selection's candidates (the config holds the chosen one)
+PER_LOSS_LEARNING_RATES = (3e-6, 1e-5, 3e-5, 1e-4, 3e-4)  # --per-loss-lr: each loss's own selection
 SEEDS = (0, 1, 2)
 FOLDS = 5
 SELECTION_VARIANTS = ("BiXSE", "InfoNCE")
@@ -56,7 +66,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "BiXSE binarised": {"loss.binarize_threshold": 0.5},
     "BiXSE no bias": {"loss.learn_bias": False, "loss.init_bias": 0.0},
     "InfoNCE": {"loss.name": "infonce"},
-    "soft InfoNCE": {"loss.name": "soft_infonce"},
+    "graded InfoNCE": {"loss.name": "graded_infonce"},  # soft_infonce (row-normalised) is degenerate: issue 16
     "pairwise BCE": {"loss.name": "pairwise_bce"},
 }
 ZERO_SHOT = "zero-shot"
@@ -88,18 +98,24 @@ class Cell:
     seed: int
     learning_rate: float
     phase: str  # "select" (dev data) | "test"
-    fold: int | None = None
+    fold: int | None = None  # the evaluated fold (in a nested selection: the dev fold)
+    outer_fold: int | None = None  # nested selection: the outer test fold, left out of training too
+    logit_init: str = "fixed"  # loss.init_logit_params of the BiXSE-loss rows (--logit-init)
 
     @property
     def name(self) -> str:
         fold = "" if self.fold is None else f"-fold{self.fold}"
+        if self.outer_fold is not None:
+            fold = f"-outer{self.outer_fold}{fold}"
+        if self.logit_init != "fixed":
+            fold += f"-tb{self.logit_init}"
         variant = self.variant.replace(" ", "_")
         return f"{self.phase}-{self.dataset}-{variant}-lr{self.learning_rate:g}-seed{self.seed}{fold}"
 
 
 def config_arg(cell: Cell) -> str:
     """The argument of configs/paper/minilm.py: the data set's reported runs, or its dev variant."""
-    if cell.phase == "test":
+    if cell.phase == "test" or cell.outer_fold is not None:  # a nested selection runs the data set's own config
         return cell.dataset
     if not DATASETS[cell.dataset].dev:
         raise ValueError(f"{cell.dataset} has no dev data; its learning rate comes from {DATASETS[cell.dataset].dev_from}")
@@ -107,8 +123,9 @@ def config_arg(cell: Cell) -> str:
 
 
 def eval_name(cell: Cell) -> str:
-    """The config's evaluator whose score is the run's value: `test`, or `dev` in the selection."""
-    return "test" if cell.phase == "test" else "dev"
+    """The config's evaluator whose score is the run's value: `test`, or `dev` in the selection (a nested
+    selection's is the config's `test` evaluator, which scores `data.fold`, there the dev fold)."""
+    return "test" if cell.phase == "test" or cell.outer_fold is not None else "dev"
 
 
 def overrides(cell: Cell, data_root: str, model: str, steps: int | None = None) -> dict[str, Any]:
@@ -123,8 +140,12 @@ def overrides(cell: Cell, data_root: str, model: str, steps: int | None = None) 
         out.update({"train.num_steps": 0, "train.warmup_steps": 0})
     else:
         out.update(VARIANTS[cell.variant])
+        if cell.logit_init != "fixed" and VARIANTS[cell.variant].get("loss.name", "bixse") == "bixse":
+            out["loss.init_logit_params"] = cell.logit_init  # the softmax and pairwise losses have no b to fit
     if cell.fold is not None:
         out["data.fold"] = cell.fold
+    if cell.outer_fold is not None:
+        out["data.exclude_folds"] = (cell.outer_fold,)
     return out
 
 
@@ -162,20 +183,68 @@ def build_config(cell: Cell, data_root: str, model: str, steps: int | None = Non
     return config
 
 
-def selection_cells(datasets: list[str], lrs: tuple[float, ...]) -> list[Cell]:
-    return [Cell(d, v, 0, lr, "select") for d in datasets if DATASETS[d].dev
-            for v in SELECTION_VARIANTS for lr in lrs]
+def selection_cells(datasets: list[str], lrs: tuple[float, ...], variants: tuple[str, ...] = SELECTION_VARIANTS,
+                    per_loss: bool = False) -> list[Cell]:
+    """The selection's runs (seed 0): dev data for each of `variants` and rate; with `per_loss`, also
+    the nested runs of a cross-validated data set (outer fold k: dev fold (k + 1) % folds)."""
+    cells = [Cell(d, v, 0, lr, "select") for d in datasets if DATASETS[d].dev for v in variants for lr in lrs]
+    if per_loss:
+        for d in datasets:
+            k = DATASETS[d].folds
+            cells += [Cell(d, v, 0, lr, "select", fold=(outer + 1) % k, outer_fold=outer)
+                      for outer in range(k) for v in variants for lr in lrs]
+    return cells
 
 
-def test_cells(datasets: list[str], variants: list[str], seeds: tuple[int, ...], lr: dict[str, float]) -> list[Cell]:
+ChosenRates = dict  # dataset -> rate, or (dataset, variant, outer fold | None) -> rate (per loss)
+
+
+def rate_for(chosen: ChosenRates, dataset: str, variant: str, fold: int | None) -> float:
+    """A test run's rate: its loss's for its fold, else its loss's, else its data set's; zero-shot 0."""
+    for key in ((dataset, variant, fold), (dataset, variant, None), dataset):
+        if key in chosen:
+            return chosen[key]
+    if variant == ZERO_SHOT:
+        return 0.0
+    raise KeyError(f"no learning rate chosen for {dataset} / {variant} / fold {fold}")
+
+
+def test_cells(datasets: list[str], variants: list[str], seeds: tuple[int, ...], lr: ChosenRates) -> list[Cell]:
     """Zero-shot rows first, then seed by seed (so a deadline leaves whole seeds), then the rest."""
     def folds(d: str) -> list[int | None]:
         return list(range(DATASETS[d].folds)) if DATASETS[d].folds else [None]
 
-    cells = [Cell(d, ZERO_SHOT, 0, lr[d], "test", f) for d in datasets for f in folds(d)]
+    cells = [Cell(d, ZERO_SHOT, 0, rate_for(lr, d, ZERO_SHOT, f), "test", f) for d in datasets for f in folds(d)]
     for seed in seeds:
-        cells += [Cell(d, v, seed, lr[d], "test", f) for d in datasets for v in variants for f in folds(d)]
+        cells += [Cell(d, v, seed, rate_for(lr, d, v, f), "test", f) for d in datasets for v in variants
+                  for f in folds(d)]
     return cells
+
+
+def choose_per_loss_rates(results: list[dict], datasets: list[str], variants: list[str]) -> ChosenRates:
+    """(dataset, variant, outer fold) -> the rate with the best dev score of that loss (ties: the
+    smaller rate); outer fold None for a data set with dev data. Only complete grids count."""
+    scores: dict[tuple, dict[float, float]] = {}
+    for r in results:
+        if r["phase"] == "select" and "value" in r and r["dataset"] in datasets and r["variant"] in variants:
+            key = (r["dataset"], r["variant"], r.get("outer_fold"))
+            scores.setdefault(key, {})[r["learning_rate"]] = r["value"]
+    chosen: ChosenRates = {}
+    for d in datasets:
+        outers = range(DATASETS[d].folds) if DATASETS[d].folds and not DATASETS[d].dev else [None]
+        for v in variants:
+            for outer in outers:
+                grid = scores.get((d, v, outer))
+                if not grid:
+                    raise RuntimeError(f"no learning-rate selection for {d} / {v} / outer fold {outer}")
+                chosen[d, v, outer] = max(sorted(grid), key=lambda lr: grid[lr])  # first best: the smaller rate
+    return chosen
+
+
+def rates_json(chosen: ChosenRates) -> dict[str, float]:
+    """JSON keys: DATASET, or DATASET/VARIANT[/outerK]."""
+    name = lambda k: k if isinstance(k, str) else "/".join([k[0], k[1]] + ([] if k[2] is None else [f"outer{k[2]}"]))
+    return {name(k): v for k, v in chosen.items()}
 
 
 def choose_learning_rates(results: list[dict], datasets: list[str]) -> dict[str, float]:
@@ -316,8 +385,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    parser.add_argument("--learning-rates", default=",".join(map(str, LEARNING_RATES)),
-                        help="candidates for the selection; one value skips it")
+    parser.add_argument("--learning-rates", default=None,
+                        help="candidates for the selection; one value skips it (default: LEARNING_RATES, "
+                             "with --per-loss-lr PER_LOSS_LEARNING_RATES)")
+    parser.add_argument("--logit-init", default="fixed", choices=("fixed", "auto"),
+                        help="loss.init_logit_params of the rows trained with the BiXSE loss (auto: t and b fitted "
+                             "to the starting model, bixse_jax/logit_init.py)")
+    parser.add_argument("--per-loss-lr", action="store_true",
+                        help="select every loss's own rate on dev data, nested in the folds of cross-validated data")
     parser.add_argument("--chosen", default=None,
                         help="DATASET=LR,... : skip the selection and use these rates (an earlier selection.json)")
     parser.add_argument("--skip-results", default=None,
@@ -329,7 +404,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.datasets = args.datasets.split(",")
     args.variants = args.variants.split(",")
     args.seeds = tuple(int(s) for s in args.seeds.split(","))
-    args.learning_rates = tuple(float(x) for x in args.learning_rates.split(","))
+    default_rates = PER_LOSS_LEARNING_RATES if args.per_loss_lr else LEARNING_RATES
+    args.learning_rates = (tuple(float(x) for x in args.learning_rates.split(",")) if args.learning_rates
+                           else default_rates)
     for name, known in (("datasets", DATASETS), ("variants", VARIANTS)):
         unknown = [x for x in getattr(args, name) if x not in known]
         if unknown:
@@ -353,6 +430,18 @@ def finished_names(paths: str | None) -> set[str]:
     return {r["name"] for r in rows if "value" in r}
 
 
+def _selection(args: argparse.Namespace) -> list[Cell]:
+    if args.per_loss_lr:
+        cells = selection_cells(args.datasets, args.learning_rates, tuple(args.variants), per_loss=True)
+    else:
+        cells = selection_cells(args.datasets, args.learning_rates)
+    return _with_logit_init(cells, args)
+
+
+def _with_logit_init(cells: list[Cell], args: argparse.Namespace) -> list[Cell]:
+    return [dataclasses.replace(c, logit_init=args.logit_init) for c in cells]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     start = time.time()
@@ -360,8 +449,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = pathlib.Path(args.out)
     if args.print_commands:  # with --chosen: the test runs at those rates; else the selection runs too
         lrs = args.chosen or {d: args.learning_rates[0] for d in args.datasets}
-        select = [] if args.chosen else selection_cells(args.datasets, args.learning_rates)
-        for cell in select + test_cells(args.datasets, args.variants, args.seeds, lrs):
+        select = [] if args.chosen else _selection(args)
+        for cell in select + _with_logit_init(test_cells(args.datasets, args.variants, args.seeds, lrs), args):
             print(command(cell, args.data_root, args.model, os.path.join(args.out, "runs"), args.steps))
         return {}
     out.mkdir(parents=True, exist_ok=True)
@@ -375,13 +464,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             chosen = {d: args.learning_rates[0] for d in args.datasets}
             selected: list[dict] = []
         else:
-            selected = runner.run(selection_cells(args.datasets, args.learning_rates), deadline)
-            chosen = choose_learning_rates(selected, args.datasets)
-        selection = {"learning_rates": chosen, "candidates": args.learning_rates,
+            selected = runner.run(_selection(args), deadline)
+            chosen = (choose_per_loss_rates(selected, args.datasets, args.variants) if args.per_loss_lr
+                      else choose_learning_rates(selected, args.datasets))
+        selection = {"learning_rates": rates_json(chosen), "candidates": args.learning_rates,
+                     "per_loss": args.per_loss_lr,
                      "seconds": round(time.time() - start, 1)}
         (out / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")
-        print(f"learning rates: {chosen}", flush=True)
-        cells = [c for c in test_cells(args.datasets, args.variants, args.seeds, chosen) if c.name not in done]
+        print(f"learning rates: {rates_json(chosen)}", flush=True)
+        cells = [c for c in _with_logit_init(test_cells(args.datasets, args.variants, args.seeds, chosen), args)
+                 if c.name not in done]
         results = runner.run(cells, deadline)
     finally:
         runner.close()

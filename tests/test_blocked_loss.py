@@ -116,7 +116,8 @@ def test_ring_equals_dense_on_8_devices(name, variant):
     _assert_equal_to(_value_and_grad(_cfg(name, "ring", variant), parallel.make_mesh(8)), _dense(name, variant))
 
 
-@pytest.mark.parametrize("name,variant,block_size", [("bixse", "mask_repeated", 4), ("infonce", "diagonal_only", 1)])
+@pytest.mark.parametrize("name,variant,block_size", [("bixse", "mask_repeated", 4), ("infonce", "diagonal_only", 1),
+                                                     ("graded_infonce", "mask_repeated", 4)])
 def test_ring_in_row_chunks_equals_dense(name, variant, block_size):
     """6 rows a device met in chunks of 4 (the last padded) or 1."""
     _assert_equal_to(_value_and_grad(_cfg(name, "ring", variant, block_size=block_size), parallel.make_mesh(8)),

@@ -270,6 +270,53 @@ def test_eval_sts(tiny_model_dir, tiny_enc, tmp_path, capsys):
     assert result["pairs"] == 4
 
 
+def _sts_file(path, rows):
+    path.write_text("".join(f"g\tf\t2012\t{i}\t{s}\t{a}\t{b}\n" for i, (a, b, s) in enumerate(rows)))
+    return path
+
+
+def test_eval_calibration_sts_with_given_t_b_and_platt(tiny_model_dir, tiny_enc, tmp_path, capsys):
+    """ECE / Brier of sigmoid(exp(t) cos + b) and of Platt scaling fitted on other pairs, recomputed here
+    from the encoder's own cosines (query side with its prefix, as training scores a pair)."""
+    from bixse_jax.eval import calibration
+    rows = [("a cat sleeps", "a cat is sleeping", 4.5), ("a dog runs", "the market fell", 0.2),
+            ("protein binds", "a protein is bound", 3.8), ("heart rate", "sleep diet", 1.0)]
+    cos = lambda pairs: np.sum(tiny_enc.queries([p[0] for p in pairs]) * tiny_enc.documents([p[1] for p in pairs]), 1)
+    dev = [("gene", "a gene"), ("virus spreads", "diet and exercise"), ("brain", "the brain"),
+           ("liver cells", "trial of a drug"), ("memory", "sleep memory"), ("cell", "cancer cell")]
+    ranks = np.argsort(np.argsort(cos([(a, b, 0) for a, b in dev])))  # grades rising with the random model's cosine,
+    dev = [(a, b, 5.0 * r / (len(dev) - 1)) for (a, b), r in zip(dev, ranks)]  # so that Platt's a > 0
+    test, fit = _sts_file(tmp_path / "test.csv", rows), _sts_file(tmp_path / "dev.csv", dev)
+    result = _run_cli(eval_cmd, ["--model", str(tiny_model_dir), "--sts", str(test), "--calibration", "--max-len", "32",
+                                 "--query-prefix", "query: ", "--log-temperature", "1.5", "--bias", "-2",
+                                 "--calibration-fit", str(fit), "--plot", str(tmp_path / "r.png"),
+                                 "--out", str(tmp_path / "c.json")], capsys)
+    target = np.array([r[2] / 5 for r in rows])
+    p_model = calibration.sigmoid(np.exp(1.5) * cos(rows) - 2.0)
+    assert result["metrics"]["model"]["ece"] == pytest.approx(calibration.expected_calibration_error(p_model, target),
+                                                              abs=1e-5)
+    assert result["metrics"]["model"]["brier"] == pytest.approx(calibration.brier_score(p_model, target), abs=1e-5)
+    a, c = calibration.fit_platt(cos(dev), np.array([r[2] / 5 for r in dev]))
+    assert a > 1e-3 and result["parameters"]["platt"]["scale"] == pytest.approx(a, rel=1e-3)
+    p_platt = calibration.sigmoid(a * cos(rows) + c)
+    assert result["metrics"]["platt"]["brier"] == pytest.approx(calibration.brier_score(p_platt, target), abs=1e-5)
+    assert result["pairs"] == 4 and (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "c.json").read_text())["metrics"] == result["metrics"]
+
+
+def test_eval_calibration_beir_pairs_and_errors(tiny_model_dir, beir_dir, capsys):
+    """BEIR: every judged pair with text (grade-0 ones too; d39 has no text), target grade / 3 (the file's
+    largest grade, d39's, though d39 itself has no text)."""
+    base = ["--model", str(tiny_model_dir), "--beir", str(beir_dir), "--calibration", "--max-len", "32"]
+    result = _run_cli(eval_cmd, base + ["--log-temperature", "2.3", "--bias", "-5"], capsys)
+    assert result["pairs"] == 24 and result["mean_target"] == pytest.approx((8 * 2 / 3 + 8 / 3) / 24)
+    assert sum(b["count"] for b in result["reliability"]["model"]) == 24
+    assert "has no learned t and b" in _cli_error(eval_cmd, base, capsys)  # a plain HF folder has none
+    with pytest.raises(SystemExit) as e:
+        eval_cmd.main(["bixse-jax eval", "--model", str(tiny_model_dir), "--beir", str(beir_dir), "--plot", "x.png"])
+    assert e.value.code == 2
+
+
 # ----------------------------------------------------------------------------
 # mine
 # ----------------------------------------------------------------------------

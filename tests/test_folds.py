@@ -27,3 +27,26 @@ def test_fold_arguments_are_checked(tmp_path):
         folds.qrels_query_ids(tmp_path, "test")
     with pytest.raises(ValueError, match=r"fold must be in \[0, 2\)"):
         folds.held_out_queries(tmp_path, "test", 2, 2)
+
+
+def test_exclude_folds_keeps_more_folds_out_of_training(tmp_path):
+    """data.exclude_folds: training drops fold `fold` and every excluded fold; bad settings are refused."""
+    from bixse_jax import experiment
+    from bixse_jax.default_config import base_config
+    from bixse_jax.errors import ConfigError
+    from tiny_data import tiny_data_root
+
+    cfg = base_config().data
+    cfg.kind, cfg.path, cfg.split, cfg.folds, cfg.fold = "beir", str(tiny_data_root(tmp_path) / "trec-dl19"), "test", 5, 1
+    cfg.skip_missing_docs = True
+    only_fold = {p.query_id for p in experiment.load_train_pairs(cfg)}
+    cfg.exclude_folds = (3,)
+    both = {p.query_id for p in experiment.load_train_pairs(cfg)}
+    fold3 = folds.held_out_queries(cfg.path, "test", 5, 3)
+    assert both == only_fold - fold3 and fold3 <= only_fold and both
+    cfg.exclude_folds = (1,)
+    with pytest.raises(ConfigError, match="holds data.fold=1"):
+        experiment.load_train_pairs(cfg)
+    cfg.folds, cfg.exclude_folds = 0, (3,)
+    with pytest.raises(ConfigError, match="needs data.folds"):
+        experiment.load_train_pairs(cfg)

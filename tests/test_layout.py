@@ -23,6 +23,7 @@ STAGES = [
     ("blocked loss", ("bixse_jax.blocked_loss",)),
     ("step", ("bixse_jax.step",)),
     ("grad_cache", ("bixse_jax.grad_cache",)),
+    ("logit init", ("bixse_jax.logit_init",)),
     ("checkpoint", ("bixse_jax.checkpoint",)),
     ("eval and inference", ("bixse_jax.eval.", "bixse_jax.inference")),
     ("experiment", ("bixse_jax.experiment",)),

@@ -37,6 +37,17 @@ def _ref_infonce(l, t, m, threshold=0.5):
     return np.mean(per_row) if per_row else 0.0
 
 
+def _ref_graded_infonce(l, t, m):
+    per_row = []
+    for i in range(l.shape[0]):
+        cols = np.flatnonzero(m[i])
+        pos = [j for j in cols if t[i, j] > 0]
+        if pos:
+            lse = np.logaddexp.reduce(l[i, cols])
+            per_row.append(sum(t[i, j] * (lse - l[i, j]) for j in pos) / len(pos))
+    return np.mean(per_row) if per_row else 0.0
+
+
 def _ref_soft_infonce(l, t, m):
     per_row = []
     for i in range(l.shape[0]):
@@ -70,6 +81,7 @@ def _ref_margin_mse(l, t, m):
 REFS = {
     "bixse": _ref_bixse,
     "infonce": _ref_infonce,
+    "graded_infonce": _ref_graded_infonce,
     "soft_infonce": _ref_soft_infonce,
     "pairwise_bce": _ref_pairwise_bce,
     "margin_mse": _ref_margin_mse,
@@ -195,8 +207,31 @@ def test_infonce_one_positive_equals_optax():
     t[np.arange(6), labels] = 1.0
     expected = optax.softmax_cross_entropy_with_integer_labels(l, labels).mean()
     np.testing.assert_allclose(_loss("infonce")(l, t), expected, rtol=1e-6)
-    # With one-hot targets the soft-label loss is the same thing.
+    # With one-hot targets the soft-label and the grade-weighted losses are the same thing.
     np.testing.assert_allclose(_loss("soft_infonce")(l, t), expected, rtol=1e-6)
+    np.testing.assert_allclose(_loss("graded_infonce")(l, t), expected, rtol=1e-6)
+
+
+def test_graded_infonce_by_hand():
+    """Two rows, logits 0 everywhere in row 0 (log-softmax = -log 3), row 1 its only positive graded 0.04."""
+    l = np.array([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0]], np.float32)
+    t = np.array([[1.0, 0.5, 0.0], [0.0, 0.04, 0.0]], np.float32)
+    row0 = (1.0 + 0.5) * np.log(3.0) / 2  # two positives, weights 1 and 0.5
+    row1 = 0.04 * (np.log(np.exp(2.0) + 2.0) - 0.0)  # one positive, weight 0.04
+    np.testing.assert_allclose(_loss("graded_infonce")(l, t), (row0 + row1) / 2, rtol=1e-6)
+    # The degenerate case: soft InfoNCE gives the 0.04 pair the whole row's mass, 25 times more.
+    soft_row1 = np.log(np.exp(2.0) + 2.0)
+    soft_row0 = (1.0 / 1.5 + 0.5 / 1.5) * np.log(3.0)
+    np.testing.assert_allclose(_loss("soft_infonce")(l, t), (soft_row0 + soft_row1) / 2, rtol=1e-6)
+
+
+def test_graded_infonce_is_infonce_on_binary_targets():
+    for seed in range(3):
+        l, t, m = _inputs(seed, 6, 7)
+        binary = (t >= 0.5).astype(np.float32)
+        np.testing.assert_allclose(_loss("graded_infonce")(l, binary, m), _loss("infonce")(l, binary, m), rtol=1e-6)
+        np.testing.assert_allclose(_grad("graded_infonce")(l, binary, m), _grad("infonce")(l, binary, m),
+                                   rtol=1e-5, atol=1e-7)
 
 
 def test_infonce_threshold():

@@ -53,6 +53,8 @@ def _cli_config(cmd: str) -> dict:
     repro.Cell("scifact", "BiXSE diagonal-only", 0, 1e-5, "select"),
     repro.Cell("scifact", "pairwise BCE", 0, 1e-5, "test"),
     repro.Cell("trecdl", repro.ZERO_SHOT, 0, 1e-5, "test", fold=0),
+    repro.Cell("trecdl", "graded InfoNCE", 0, 3e-6, "select", fold=3, outer_fold=2),
+    repro.Cell("stsb", "BiXSE binarised", 0, 3e-4, "test", logit_init="auto"),
 ])
 def test_printed_command_builds_the_config_the_driver_runs(cell, monkeypatch):
     monkeypatch.chdir(REPO)
@@ -105,6 +107,49 @@ def test_learning_rate_selection_uses_dev_scores_only():
                                                                                 "trecdl": 1e-5}
     with pytest.raises(RuntimeError, match="trecdl takes its learning rate from scifact"):
         repro.choose_learning_rates(rows, ["trecdl", "stsb"])
+
+
+def test_per_loss_nested_selection_with_a_fake_trainer(tmp_path, monkeypatch):
+    """--per-loss-lr: each loss's own rate from the 5-value grid; TREC-DL's chosen per outer fold on a dev
+    fold, training on neither it nor the outer test fold; the test runs take the chosen rates."""
+    import dataclasses
+    import math
+
+    from bixse_jax import experiment
+    from bixse_jax.data import folds
+
+    data_root = tiny_data_root(tmp_path / "data")
+    best = {"BiXSE": 3e-4, "InfoNCE": 1e-5, "graded InfoNCE": 3e-6}
+
+    def best_rate(cell):
+        return 1e-4 if (cell.variant, cell.outer_fold) == ("BiXSE", 2) else best[cell.variant]
+
+    def fake_run_cell(cell, root, model, workroot, steps, deadline):
+        config = repro.build_config(cell, root, model, steps)
+        if cell.outer_fold is not None:
+            assert cell.phase == "select" and config.data.fold == cell.fold == (cell.outer_fold + 1) % 5
+            trained = {p.query_id for p in experiment.load_train_pairs(config.data)}
+            unseen = {q for k in (cell.outer_fold, cell.fold) for q in folds.held_out_queries(config.data.path, "test", 5, k)}
+            assert trained and not trained & unseen
+        assert config.loss.init_logit_params == ("auto" if cell.variant == "BiXSE" else "fixed")  # bixse rows only
+        value = -abs(math.log(cell.learning_rate / best_rate(cell))) if cell.phase == "select" else 0.5
+        return {**dataclasses.asdict(cell), "name": cell.name, "metric": "m", "value": value, "wall_s": 0.0}
+
+    monkeypatch.setattr(repro, "run_cell", fake_run_cell)
+    out = tmp_path / "out"
+    repro.main(["--data-root", str(data_root), "--model", "M", "--out", str(out), "--datasets", "trecdl,stsb",
+                "--variants", "BiXSE,InfoNCE,graded InfoNCE", "--seeds", "0", "--per-loss-lr", "--logit-init", "auto"])
+    selection = json.loads((out / "selection.json").read_text())
+    assert selection["candidates"] == list(repro.PER_LOSS_LEARNING_RATES) and selection["per_loss"]
+    rates = selection["learning_rates"]
+    assert rates["stsb/InfoNCE"] == 1e-5 and rates["stsb/graded InfoNCE"] == 3e-6 and rates["stsb/BiXSE"] == 3e-4
+    assert rates["trecdl/BiXSE/outer2"] == 1e-4 and rates["trecdl/BiXSE/outer0"] == 3e-4
+    assert len(rates) == 3 + 3 * 5
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sum(r["phase"] == "select" for r in rows) == (3 + 3 * 5) * 5
+    tests = {(r["dataset"], r["variant"], r["fold"]): r["learning_rate"] for r in rows if r["phase"] == "test"}
+    assert tests["trecdl", "BiXSE", 2] == 1e-4 and tests["trecdl", "BiXSE", 4] == 3e-4
+    assert tests["trecdl", "InfoNCE", 0] == 1e-5 and tests["stsb", "graded InfoNCE", None] == 3e-6
 
 
 def test_finished_runs_are_read_from_files_and_folders(tmp_path):

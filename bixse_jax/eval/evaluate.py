@@ -51,6 +51,8 @@ class TextEncoder:
     mesh: Mesh | None = None
     show_progress: bool = False
     source: str = ""  # what was loaded, for reports
+    log_temperature: float | None = None  # the model's learned t and b (a workdir's, an export's bixse.json)
+    bias: float | None = None
 
     def queries(self, texts: Sequence[str]) -> np.ndarray:
         return self._encode(texts, self.query_max_len, self.query_prefix)
@@ -185,4 +187,5 @@ def load_text_encoder(name_or_path: str | pathlib.Path, *, dtype: str = "float32
             raise UserError(f"{name} {value} is outside 1..{limit}, the model's position limit")
     return TextEncoder(model.encoder, model.params, model.tokenizer, query_max_len=query_len, doc_max_len=doc_len,
                        query_prefix=model.settings.query_prompt if query_prefix is None else query_prefix,
-                       batch_size=batch_size, mesh=mesh, show_progress=show_progress, source=source)
+                       batch_size=batch_size, mesh=mesh, show_progress=show_progress, source=source,
+                       log_temperature=model.log_temperature, bias=model.bias)

@@ -1,0 +1,163 @@
+"""`loss.init_logit_params='auto'`: t and b fitted to the starting model before training.
+
+Why: BiXSE's logits are exp(t) * cos + b. Started at the fixed t = log 10, b = -10, a pretrained
+encoder's cosines (positives ~0.6, in-batch negatives ~0.15) give every cell a probability near
+sigmoid(-4) and sigmoid(-8.5): the positives are pulled hard and the negatives barely pushed, and at
+fine-tuning rates b hardly moves in a short run (issue 16: b ended within 0.3 of -10 in every run).
+
+What: with the encoder frozen, the loss as a function of (t, b) alone is
+
+    F(a, b) = sum over the loss's cells (i, j) of  softplus(a s_ij + b) - T_ij (a s_ij + b),  a = exp(t)
+
+over the cosines s and the targets T and mask the loss itself sees (the in-batch matrix of the
+run's first `loss.init_fit_batches` global batches: every labelled cell with its grade, every
+unlabelled one as a negative, the ablations' targets). This is logistic regression of T on s
+(cross-entropy with soft labels is still convex in (a, b)), so its minimiser is the point where
+BiXSE's gradient with respect to t and b is zero for the starting encoder: the BiXSE optimum of the
+logit parameters for a frozen encoder, which training would drift towards anyway if t and b moved
+fast enough. Dividing by rows (the loss's normalisation) does not move the minimiser.
+
+How: Newton's method in float64 numpy on (a, b), with a backtracking line search that keeps a > 0
+and never increases F (F is convex, so this converges to the global minimum; deterministic, the same
+on every process, since every process reads the same replicated cosines). Only the learnable
+scalars are fitted: with `learn_bias=False` ("no bias") b stays at its init and only a is fitted,
+likewise t with `learn_temperature=False`. The encoder runs without dropout. At most
+`loss.init_fit_rows` rows of each batch are used (all columns), so the fit needs no [B, B] matrix
+at large batches; the rows are a batch's first ones, i.e. a random sample (batches are shuffled).
+
+Only BiXSE's sigmoid BCE has this optimum; the softmax and pairwise losses do not use b at all, so
+`auto` is refused for them (ConfigError). A resumed run never refits: its checkpoint's t and b win.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from bixse_jax import blocked_loss, parallel
+from bixse_jax.errors import ConfigError
+from bixse_jax.models.encoder import SentenceEncoder
+
+MODES = ("fixed", "auto")
+_MIN_SCALE = 1e-6  # a = exp(t) is kept above this: a cosine that anti-correlates with the targets has no t
+
+
+def check(loss_cfg: ml_collections.ConfigDict) -> None:
+    """ConfigError for a setting `auto` cannot honour."""
+    mode = loss_cfg.init_logit_params
+    if mode not in MODES:
+        raise ConfigError(f"loss.init_logit_params {mode!r} is not one of {MODES}")
+    if mode != "auto":
+        return
+    if loss_cfg.name != "bixse":
+        raise ConfigError(f"loss.init_logit_params='auto' fits BiXSE's sigmoid BCE over (t, b); loss.name="
+                          f"{loss_cfg.name!r} has no such optimum (softmax and pairwise losses ignore b): use 'fixed'")
+    if not (loss_cfg.learn_temperature or loss_cfg.learn_bias):
+        raise ConfigError("loss.init_logit_params='auto' fits the learnable ones of t and b; both are frozen "
+                          "(loss.learn_temperature=False, loss.learn_bias=False)")
+    if loss_cfg.init_fit_batches < 1 or loss_cfg.init_fit_rows < 1:
+        raise ConfigError(f"loss.init_fit_batches={loss_cfg.init_fit_batches} and loss.init_fit_rows="
+                          f"{loss_cfg.init_fit_rows} must be >= 1")
+
+
+# --- the fit (numpy, float64) --------------------------------------------------------------------
+
+def bce_sum(scale: float, bias: float, scores: np.ndarray, targets: np.ndarray) -> float:
+    """F(a, b) = sum of softplus(L) - T L over the cells, L = a s + b (float64, stable)."""
+    logits = scale * scores + bias
+    return float(np.sum(np.logaddexp(0.0, logits) - targets * logits))
+
+
+def fit_logistic(scores: np.ndarray, targets: np.ndarray, *, init_scale: float, init_bias: float,
+                 fit_scale: bool = True, fit_bias: bool = True, max_iter: int = 100,
+                 tol: float = 1e-10) -> tuple[float, float, dict[str, Any]]:
+    """(a, b, info) minimising bce_sum over the free ones of a > 0 and b, the others held at init.
+
+    Newton steps on the free coordinates, halved until F does not increase and a stays positive;
+    stops when the step's decrease of F is below tol * (1 + F) or the gradient vanishes.
+    """
+    s = np.asarray(scores, np.float64).ravel()
+    t = np.asarray(targets, np.float64).ravel()
+    free = np.array([fit_scale, fit_bias])
+    x = np.array([max(init_scale, _MIN_SCALE), init_bias], np.float64)
+    f = bce_sum(x[0], x[1], s, t)
+    iterations = 0
+    for iterations in range(1, max_iter + 1):
+        p = 0.5 * (1.0 + np.tanh(0.5 * (x[0] * s + x[1])))  # sigmoid without overflow
+        r, w = p - t, p * (1.0 - p)
+        grad = np.array([np.dot(r, s), np.sum(r)])[free]
+        hess = np.array([[np.dot(w, s * s), np.dot(w, s)], [np.dot(w, s), np.sum(w)]])[np.ix_(free, free)]
+        if np.max(np.abs(grad)) < 1e-12 * max(len(s), 1):
+            break
+        try:
+            direction = -np.linalg.solve(hess + 1e-12 * np.eye(len(grad)), grad)
+        except np.linalg.LinAlgError:
+            direction = -grad
+        full = np.zeros(2)
+        full[free] = direction
+        step, improved = 1.0, False
+        for _ in range(60):
+            candidate = x + step * full
+            if candidate[0] >= _MIN_SCALE:
+                fc = bce_sum(candidate[0], candidate[1], s, t)
+                if fc <= f:
+                    improved = True
+                    break
+            step *= 0.5
+        if not improved:
+            break
+        decrease = f - fc
+        x, f = candidate, fc
+        if decrease < tol * (1.0 + abs(f)):
+            break
+    return float(x[0]), float(x[1]), {"iterations": iterations, "bce_sum": f, "cells": int(s.size),
+                                      "at_scale_floor": bool(x[0] <= 2 * _MIN_SCALE)}
+
+
+# --- the cells of the run's first batches ----------------------------------------------------------
+
+def make_cells_fn(encoder: SentenceEncoder, loss_cfg: ml_collections.ConfigDict, mesh: Mesh,
+                  max_rows: int) -> Callable[[dict, dict], tuple[jax.Array, jax.Array, jax.Array]]:
+    """jitted (encoder params, global batch) -> (cosines, targets, mask), each [min(B, max_rows), B],
+    replicated: the frozen encoder's scores and the loss's own targets and mask for those cells
+    (blocked_loss.cells, which the blocked and ring losses use and which equals step.batch_targets)."""
+
+    def cells_of(params: dict, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+        q = encoder(params, batch["query_input_ids"], batch["query_attention_mask"])
+        d = encoder(params, batch["doc_input_ids"], batch["doc_attention_mask"])
+        n = q.shape[0]
+        r = min(n, max_rows)
+        table = blocked_loss.pair_table(batch["query_ids"], batch["doc_ids"], batch["grades"])
+        qids = batch["query_ids"][:r]
+        rows = blocked_loss.Rows(qids, jnp.arange(r, dtype=jnp.int32), batch["grades"][:r],
+                                 blocked_loss.repeated_queries(table, qids), jnp.ones((r,), jnp.bool_))
+        targets, _, mask = blocked_loss.cells(loss_cfg, table, rows, batch["doc_ids"], jnp.arange(n, dtype=jnp.int32))
+        return (q[:r] @ d.T).astype(jnp.float32), targets, mask
+
+    return jax.jit(cells_of, out_shardings=parallel.replicated(mesh))
+
+
+def fit_from_batches(cells_fn: Callable, encoder_params: dict, batches: Iterable[dict],
+                     loss_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Fits (t, b) on the masked-in cells of `batches` (global arrays); returns the fitted values and
+    the fit's record (what train.py logs and puts in the summary)."""
+    scores, targets = [], []
+    for batch in batches:
+        s, t, m = jax.device_get(cells_fn(encoder_params, batch))
+        m = np.asarray(m, bool)
+        scores.append(np.asarray(s, np.float64)[m])
+        targets.append(np.asarray(t, np.float64)[m])
+    s, t = np.concatenate(scores), np.concatenate(targets)
+    scale, bias, info = fit_logistic(s, t, init_scale=math.exp(loss_cfg.init_log_temperature),
+                                     init_bias=loss_cfg.init_bias, fit_scale=bool(loss_cfg.learn_temperature),
+                                     fit_bias=bool(loss_cfg.learn_bias))
+    labelled = t > 0
+    return {"log_temperature": math.log(scale), "bias": bias, "batches": len(scores), **info,
+            "mean_target": float(t.mean()), "mean_cos_target_positive": float(s[labelled].mean()) if labelled.any() else None,
+            "mean_cos_target_zero": float(s[~labelled].mean()) if (~labelled).any() else None}

@@ -1,0 +1,122 @@
+"""`loss.init_logit_params='auto'`: the logistic fit of (t, b), and training starting from it."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from bixse_jax import logit_init, parallel, step as step_lib, train
+from bixse_jax.errors import ConfigError
+from bixse_jax.experiment import load_model, make_batcher
+from train_utils import pairs_jsonl, tiny_config
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _synthetic(n=200_000, scale=12.0, bias=-5.0, seed=0):
+    rng = np.random.default_rng(seed)
+    s = rng.uniform(-0.2, 0.9, n)
+    return s, _sigmoid(scale * s + bias)
+
+
+def test_soft_targets_from_a_logistic_model_give_back_its_parameters():
+    """T = sigmoid(a s + b) exactly: the BCE's minimiser is (a, b) itself, from a far start."""
+    s, p = _synthetic(n=5000)
+    a, b, info = logit_init.fit_logistic(s, p, init_scale=10.0, init_bias=-10.0)
+    assert (a, b) == pytest.approx((12.0, -5.0), rel=1e-6)
+    assert info["cells"] == 5000 and info["iterations"] < 30
+
+
+def test_sampled_binary_targets_recover_the_parameters():
+    s, p = _synthetic()
+    labels = (np.random.default_rng(1).uniform(size=p.shape) < p).astype(float)
+    a, b, _ = logit_init.fit_logistic(s, labels, init_scale=math.exp(math.log(10.0)), init_bias=-10.0)
+    assert a == pytest.approx(12.0, rel=0.05) and b == pytest.approx(-5.0, rel=0.05)
+
+
+def test_frozen_coordinate_stays_and_the_other_is_its_conditional_optimum():
+    s, p = _synthetic(n=5000)
+    a, b, _ = logit_init.fit_logistic(s, p, init_scale=12.0, init_bias=0.0, fit_scale=False)
+    assert a == 12.0 and b == pytest.approx(-5.0, rel=1e-6)  # at the true a, the best b is the true b
+    a, b, _ = logit_init.fit_logistic(s, p, init_scale=3.0, init_bias=-5.0, fit_bias=False)
+    assert b == -5.0 and a == pytest.approx(12.0, rel=1e-6)
+    # A frozen b away from the truth: a is still a stationary point of F in a.
+    a, b, _ = logit_init.fit_logistic(s, p, init_scale=3.0, init_bias=-2.0, fit_bias=False)
+    grad_a = np.sum((_sigmoid(a * s + b) - p) * s)
+    assert b == -2.0 and abs(grad_a) < 1e-6 * len(s)
+
+
+def test_anti_correlated_scores_stop_at_the_scale_floor():
+    s, p = _synthetic(n=2000, scale=-5.0, bias=0.0)
+    a, _, info = logit_init.fit_logistic(s, p, init_scale=10.0, init_bias=-10.0)
+    assert a > 0 and info["at_scale_floor"]
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"name": "infonce"}, "has no such optimum"),
+    ({"learn_temperature": False, "learn_bias": False}, "both are frozen"),
+    ({"init_logit_params": "guess"}, "is not one of"),
+])
+def test_settings_auto_cannot_honour_are_config_errors(tmp_path, changes, match):
+    from bixse_jax.default_config import base_config
+    cfg = base_config().loss
+    cfg.init_logit_params = "auto"
+    cfg.update(changes)
+    with pytest.raises(ConfigError, match=match):
+        logit_init.check(cfg)
+
+
+def _direct_fit(config, steps):
+    """The fit computed independently: one-device dense embeddings of the first batches, targets and
+    mask from step.batch_targets (the dense loss's own), every row."""
+    model = load_model(config.model)
+    batcher = make_batcher(config, model)
+    scores, targets = [], []
+    for s in range(steps):
+        batch = jax.tree.map(np.asarray, batcher.batch(s))
+        q = np.asarray(model.encoder(model.params, batch["query_input_ids"], batch["query_attention_mask"]), np.float64)
+        d = np.asarray(model.encoder(model.params, batch["doc_input_ids"], batch["doc_attention_mask"]), np.float64)
+        t, _, m = step_lib.batch_targets(batch, config.loss)
+        m = np.asarray(m)
+        scores.append((q @ d.T)[m])
+        targets.append(np.asarray(t, np.float64)[m])
+    return logit_init.fit_logistic(np.concatenate(scores), np.concatenate(targets), init_scale=10.0, init_bias=-10.0)
+
+
+def test_training_starts_from_the_fit_on_eight_devices_and_a_resume_keeps_it(tiny_model_dir, tmp_path):
+    """The fit over the first 2 global batches (16 pairs on 8 devices, queries repeating across them)
+    equals the direct one-device computation; the first step's logged t and b (the values the step
+    used) are the fitted ones; a resumed run does not refit: its step uses the checkpoint's t and b."""
+    data = pairs_jsonl(tmp_path / "pairs.jsonl")
+    config = tiny_config(tiny_model_dir, data, num_steps=2, log_every=1, checkpoint_every=1, warmup_steps=0)
+    config.loss.init_logit_params, config.loss.init_fit_batches = "auto", 2
+    config.loss.mask_unlabelled_of_repeated_queries = True  # the mask must be the loss's own too
+    assert parallel.make_mesh().size == 8
+    a, b, _ = _direct_fit(config, 2)
+    assert abs(math.log(a) - math.log(10.0)) > 0.05 and abs(b + 10.0) > 0.05  # the fit moved both
+
+    workdir = tmp_path / "run"
+    summary, state = train.train(config, workdir, stop_after_step=1, show_progress=False)
+    fit = summary["init_logit_params"]
+    assert fit["log_temperature"] == pytest.approx(math.log(a), abs=2e-4)
+    assert fit["bias"] == pytest.approx(b, abs=2e-4)
+    logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert logged[0]["step"] == 0 and logged[0]["init/bias"] == fit["bias"]
+    assert logged[1]["step"] == 1
+    assert logged[1]["log_temperature"] == pytest.approx(fit["log_temperature"], abs=1e-6)
+    assert logged[1]["bias"] == pytest.approx(fit["bias"], abs=1e-6)
+    after_one = jax.device_get(state.params)
+    assert summary["bias"] == float(after_one["bias"]) != pytest.approx(fit["bias"], abs=1e-6)  # step 1 moved b
+
+    resumed_summary, _ = train.train(config, workdir, show_progress=False)
+    assert resumed_summary["resumed_from_step"] == 1 and "init_logit_params" not in resumed_summary
+    second = [json.loads(line) for line in open(workdir / "metrics.jsonl")][-1]
+    assert second["step"] == 2
+    assert second["bias"] == pytest.approx(float(after_one["bias"]), abs=1e-6)
+    assert second["log_temperature"] == pytest.approx(float(after_one["log_temperature"]), abs=1e-6)
+    record = json.loads((workdir / "summary.jsonl").read_text())  # only the finished run writes one
+    assert record["steps"] == 2 and set(record) >= {"log_temperature", "bias"}
