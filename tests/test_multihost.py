@@ -6,10 +6,8 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 
 from bixse_jax import train
 from train_utils import cli_overrides, flat_params, pairs_jsonl, tiny_config
