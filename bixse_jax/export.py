@@ -12,6 +12,9 @@ Formats (`fmt`):
                          2_Normalize/ (if normalised): `SentenceTransformer(out)`.
   hf                     config.json, model.safetensors, tokenizer files: `transformers.AutoModel
                          .from_pretrained(out)` (PyTorch); the sentence-transformers folder less its modules.
+ModernBERT exports as `hf` and `sentence-transformers` (ModernBertModel, transformers' tensor names, the
+source folder's tokenizer; no pooler head, as ModernBertModel has none); `hf-flax` refuses it (no Flax
+ModernBERT in transformers).
 Decoder LLMs (llama, qwen2, qwen3) export as `hf` and `sentence-transformers` (architectures
 LlamaModel / Qwen2Model / Qwen3Model, transformers' tensor names, last-token pooling, a tokenizer
 that pads on the right with a named pad token, and appends eos if the model was trained with
@@ -48,7 +51,7 @@ FORMATS = ("hf-flax", "sentence-transformers", "hf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model")
 _ARCHITECTURES = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
-                  "llama": "LlamaModel", "qwen2": "Qwen2Model", "qwen3": "Qwen3Model"}
+                  "modernbert": "ModernBertModel", "llama": "LlamaModel", "qwen2": "Qwen2Model", "qwen3": "Qwen3Model"}
 # The pre-v3 module names: every sentence-transformers release (2.x to 6.x) resolves them.
 _ST_MODULE = "sentence_transformers.models."
 _POOLER_SEED = 0
@@ -84,9 +87,15 @@ def export_model(model: SentenceModel, out: str | os.PathLike, fmt: str, *, over
             raise ExportError(f"{out}: would replace {path}, which the export reads from; choose another --out")
     hf_io.parse_size(max_shard_size)  # a bad size fails before anything is written
     decoder = architectures.is_decoder(model.config)
+    native_names = decoder or architectures.is_modernbert(model.config)  # the tree keeps transformers' names
     if decoder:
         _check_decoder_export(model, fmt)
         pooler, pooler_origin = {}, "none (decoder)"
+    elif native_names:
+        if fmt == "hf-flax":
+            raise ExportError(f"hf-flax export is for BERT-family models, not {model.config.model_type}: transformers "
+                              f"has no Flax ModernBERT; use --format hf or sentence-transformers (PyTorch safetensors)")
+        pooler, pooler_origin = {}, f"none ({model.config.model_type})"
     else:
         pooler, pooler_origin = _pooler(model)
         pooler = {"pooler": pooler}
@@ -94,8 +103,8 @@ def export_model(model: SentenceModel, out: str | os.PathLike, fmt: str, *, over
         _write_json(tmp / "config.json", _hf_config(model))
         if fmt == "hf-flax":
             hf_io.save_flax_weights(tmp, {**model.params, **pooler}, max_shard_size)
-        elif decoder:
-            hf_io.save_decoder_torch_weights(tmp, model.params)
+        elif native_names:
+            hf_io.save_native_torch_weights(tmp, model.params)
         else:
             hf_io.save_torch_weights(tmp, {**model.params, **pooler})
         if fmt == "sentence-transformers":
@@ -227,7 +236,7 @@ def _hf_config(model: SentenceModel) -> dict[str, Any]:
     hf.update(model.config.to_hf_dict())
     hf["architectures"] = [_ARCHITECTURES[model.config.model_type]]
     hf["torch_dtype"] = "float32"
-    if architectures.is_decoder(model.config):
+    if architectures.is_decoder(model.config) or architectures.is_modernbert(model.config):
         hf["dtype"] = "float32"  # transformers 5's name; the weights are written in float32
     return dict(sorted(hf.items()))
 
