@@ -12,18 +12,16 @@ Formats (`fmt`):
                          2_Normalize/ (if normalised): `SentenceTransformer(out)`.
   hf                     config.json, model.safetensors, tokenizer files: `transformers.AutoModel
                          .from_pretrained(out)` (PyTorch); the sentence-transformers folder less its modules.
-ModernBERT exports as `hf` and `sentence-transformers` (ModernBertModel, transformers' tensor names, the
-source folder's tokenizer; no pooler head, as ModernBertModel has none); `hf-flax` refuses it (no Flax
-ModernBERT in transformers).
+ModernBERT exports as `hf` and `sentence-transformers` only (ModernBertModel, transformers' tensor
+names, the source tokenizer, no pooler head: ModernBertModel has none; transformers has no Flax one).
 Decoder LLMs (llama, qwen2, qwen3) export as `hf` and `sentence-transformers` (architectures
 LlamaModel / Qwen2Model / Qwen3Model, transformers' tensor names, last-token pooling, a tokenizer
 that pads on the right with a named pad token, and appends eos if the model was trained with
 model.append_eos). `hf-flax` refuses them: transformers' Flax Llama exists in 4.x only (no Flax
 Qwen2 / Qwen3; transformers 5 has no Flax). Nor is a model trained with model.bidirectional
 exported: transformers would run it causally and embed differently.
-Both add bixse.json (pooling, normalisation, query prompt, lengths, learned t and b, provenance), so
-`models.sentence_model.load_encoder` gets back everything `inference.encode` and
-`inference.predict_relevance` need.
+All add bixse.json (pooling, normalisation, query prompt, lengths, learned t and b, provenance), so
+`load_encoder` gets back everything `inference.encode` and `inference.predict_relevance` need.
 
 A folder is written into a hidden sibling and renamed into place when complete: a failed export
 leaves nothing half-written, and `overwrite` replaces an old export only once the new one is done.
@@ -88,14 +86,9 @@ def export_model(model: SentenceModel, out: str | os.PathLike, fmt: str, *, over
     hf_io.parse_size(max_shard_size)  # a bad size fails before anything is written
     decoder = architectures.is_decoder(model.config)
     native_names = decoder or architectures.is_modernbert(model.config)  # the tree keeps transformers' names
-    if decoder:
-        _check_decoder_export(model, fmt)
-        pooler, pooler_origin = {}, "none (decoder)"
-    elif native_names:
-        if fmt == "hf-flax":
-            raise ExportError(f"hf-flax export is for BERT-family models, not {model.config.model_type}: transformers "
-                              f"has no Flax ModernBERT; use --format hf or sentence-transformers (PyTorch safetensors)")
-        pooler, pooler_origin = {}, f"none ({model.config.model_type})"
+    if native_names:
+        _check_native_export(model, fmt)
+        pooler, pooler_origin = {}, f"none ({'decoder' if decoder else model.config.model_type})"
     else:
         pooler, pooler_origin = _pooler(model)
         pooler = {"pooler": pooler}
@@ -122,11 +115,14 @@ def _check_format(fmt: str) -> None:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
-def _check_decoder_export(model: SentenceModel, fmt: str) -> None:
+def _check_native_export(model: SentenceModel, fmt: str) -> None:
+    """Decoders and ModernBERT: PyTorch formats only; decoders also causal and last-token pooled."""
     if fmt == "hf-flax":
         raise ExportError(f"hf-flax export is for BERT-family models, not {model.config.model_type}: transformers' "
-                          f"Flax Llama exists in 4.x only (no Flax Qwen2 / Qwen3, and transformers 5 has no Flax); "
-                          f"use --format hf or sentence-transformers (PyTorch safetensors)")
+                          f"Flax Llama exists in 4.x only (no Flax Qwen2 / Qwen3, no Flax ModernBERT, and "
+                          f"transformers 5 has no Flax); use --format hf or sentence-transformers (PyTorch safetensors)")
+    if not architectures.is_decoder(model.config):
+        return
     if model.config.bidirectional:
         raise ExportError(f"{model.config.model_type} trained with model.bidirectional cannot be exported: "
                           f"transformers and sentence-transformers would run it with a causal mask")
