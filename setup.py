@@ -46,6 +46,7 @@ setup(
                  "scipy>=1.11", "ir-measures>=0.3", "torch==2.13.0", "sentence-transformers>=6,<7",
                  "matplotlib>=3.8",  # matplotlib: the reproduction's plot (experiments/make_results.py)
                  "gguf>=0.10",  # tests/test_gguf.py
+                 "accelerate>=1.0",  # tests/test_gguf.py: transformers reads GGUF files only with it
                  MKL],  # tests/test_cpu_blas.py
     },
     entry_points={"console_scripts": ["bixse-jax=bixse_jax.cli:main"]},

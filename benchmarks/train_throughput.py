@@ -174,7 +174,8 @@ def run_setting(s: Setting) -> dict[str, Any]:
         grad_cache.check_chunk(s.batch, s.chunk, mesh)
         step = grad_cache.make_cached_train_step(step_lib.make_embed_fn(encoder, use_dropout),
                                                  step_lib.make_objective(config.loss, mesh), tx, schedule,
-                                                 chunk=s.chunk, mesh=mesh)
+                                                 chunk=s.chunk, mesh=mesh,
+                                                 encoder_specs=grad_cache.param_specs(state.params["encoder"]))
     else:
         step = step_lib.make_train_step(step_lib.make_loss_fn(encoder, config.loss, mesh, use_dropout), tx, schedule)
     jitted = step_lib.jit_train_step(step, mesh, state)

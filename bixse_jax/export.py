@@ -12,15 +12,16 @@ Formats (`fmt`):
                          2_Normalize/ (if normalised): `SentenceTransformer(out)`.
   hf                     config.json, model.safetensors, tokenizer files: `transformers.AutoModel
                          .from_pretrained(out)` (PyTorch); the sentence-transformers folder less its modules.
+ModernBERT exports as `hf` and `sentence-transformers` only (ModernBertModel, transformers' tensor
+names, the source tokenizer, no pooler head: ModernBertModel has none; transformers has no Flax one).
 Decoder LLMs (llama, qwen2, qwen3) export as `hf` and `sentence-transformers` (architectures
 LlamaModel / Qwen2Model / Qwen3Model, transformers' tensor names, last-token pooling, a tokenizer
 that pads on the right with a named pad token, and appends eos if the model was trained with
 model.append_eos). `hf-flax` refuses them: transformers' Flax Llama exists in 4.x only (no Flax
 Qwen2 / Qwen3; transformers 5 has no Flax). Nor is a model trained with model.bidirectional
 exported: transformers would run it causally and embed differently.
-Both add bixse.json (pooling, normalisation, query prompt, lengths, learned t and b, provenance), so
-`models.sentence_model.load_encoder` gets back everything `inference.encode` and
-`inference.predict_relevance` need.
+All add bixse.json (pooling, normalisation, query prompt, lengths, learned t and b, provenance), so
+`load_encoder` gets back everything `inference.encode` and `inference.predict_relevance` need.
 
 A folder is written into a hidden sibling and renamed into place when complete: a failed export
 leaves nothing half-written, and `overwrite` replaces an old export only once the new one is done.
@@ -48,7 +49,7 @@ FORMATS = ("hf-flax", "sentence-transformers", "hf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model")
 _ARCHITECTURES = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
-                  "llama": "LlamaModel", "qwen2": "Qwen2Model", "qwen3": "Qwen3Model"}
+                  "modernbert": "ModernBertModel", "llama": "LlamaModel", "qwen2": "Qwen2Model", "qwen3": "Qwen3Model"}
 # The pre-v3 module names: every sentence-transformers release (2.x to 6.x) resolves them.
 _ST_MODULE = "sentence_transformers.models."
 _POOLER_SEED = 0
@@ -84,9 +85,10 @@ def export_model(model: SentenceModel, out: str | os.PathLike, fmt: str, *, over
             raise ExportError(f"{out}: would replace {path}, which the export reads from; choose another --out")
     hf_io.parse_size(max_shard_size)  # a bad size fails before anything is written
     decoder = architectures.is_decoder(model.config)
-    if decoder:
-        _check_decoder_export(model, fmt)
-        pooler, pooler_origin = {}, "none (decoder)"
+    native_names = decoder or architectures.is_modernbert(model.config)  # the tree keeps transformers' names
+    if native_names:
+        _check_native_export(model, fmt)
+        pooler, pooler_origin = {}, f"none ({'decoder' if decoder else model.config.model_type})"
     else:
         pooler, pooler_origin = _pooler(model)
         pooler = {"pooler": pooler}
@@ -94,8 +96,8 @@ def export_model(model: SentenceModel, out: str | os.PathLike, fmt: str, *, over
         _write_json(tmp / "config.json", _hf_config(model))
         if fmt == "hf-flax":
             hf_io.save_flax_weights(tmp, {**model.params, **pooler}, max_shard_size)
-        elif decoder:
-            hf_io.save_decoder_torch_weights(tmp, model.params)
+        elif native_names:
+            hf_io.save_native_torch_weights(tmp, model.params)
         else:
             hf_io.save_torch_weights(tmp, {**model.params, **pooler})
         if fmt == "sentence-transformers":
@@ -113,11 +115,14 @@ def _check_format(fmt: str) -> None:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
-def _check_decoder_export(model: SentenceModel, fmt: str) -> None:
+def _check_native_export(model: SentenceModel, fmt: str) -> None:
+    """Decoders and ModernBERT: PyTorch formats only; decoders also causal and last-token pooled."""
     if fmt == "hf-flax":
         raise ExportError(f"hf-flax export is for BERT-family models, not {model.config.model_type}: transformers' "
-                          f"Flax Llama exists in 4.x only (no Flax Qwen2 / Qwen3, and transformers 5 has no Flax); "
-                          f"use --format hf or sentence-transformers (PyTorch safetensors)")
+                          f"Flax Llama exists in 4.x only (no Flax Qwen2 / Qwen3, no Flax ModernBERT, and "
+                          f"transformers 5 has no Flax); use --format hf or sentence-transformers (PyTorch safetensors)")
+    if not architectures.is_decoder(model.config):
+        return
     if model.config.bidirectional:
         raise ExportError(f"{model.config.model_type} trained with model.bidirectional cannot be exported: "
                           f"transformers and sentence-transformers would run it with a causal mask")
@@ -227,7 +232,7 @@ def _hf_config(model: SentenceModel) -> dict[str, Any]:
     hf.update(model.config.to_hf_dict())
     hf["architectures"] = [_ARCHITECTURES[model.config.model_type]]
     hf["torch_dtype"] = "float32"
-    if architectures.is_decoder(model.config):
+    if architectures.is_decoder(model.config) or architectures.is_modernbert(model.config):
         hf["dtype"] = "float32"  # transformers 5's name; the weights are written in float32
     return dict(sorted(hf.items()))
 

@@ -19,15 +19,22 @@ Layout: the batch is split over every device of the mesh (`parallel.BATCH_AXES`)
 holding rows [r B/n, (r+1) B/n). Both passes run under `shard_map`: every device cuts *its own*
 rows into B/chunk sub-batches of chunk/n rows, so sub-batch j is spread over all devices, no
 reshape moves data between devices, each device accumulates its own parameter gradient across
-sub-batches, and one `psum` at the end adds them (not one all-reduce per sub-batch). The encoder
-parameters enter both passes whole (an `fsdp`-sharded tree is gathered once per pass), so FSDP
-saves optimiser-state memory here but not the parameters' own during the step.
+sub-batches, and one `psum` at the end adds them (not one all-reduce per sub-batch).
+
+FSDP: given the parameters' PartitionSpecs (`encoder_specs`, from `param_specs(state)`), both passes
+take each device's *shards* and gather the whole parameters inside each sub-batch, so the gather's
+transpose reduce-scatters every sub-batch's gradient straight into the parameter's layout: the
+accumulator and the result are sharded like the parameters, and only the `data` axis (and the axes
+a replicated leaf is not split over) is summed at the end. Without specs the parameters enter whole
+(gathered once per pass) and the accumulator is a whole-model buffer on every device, which on an
+8-way `fsdp` mesh made XLA plan several whole-model float32 buffers per device
+(docs/benchmarks.md, "Decoder LLMs").
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +44,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from bixse_jax import parallel, step
 from bixse_jax.errors import ConfigError
 
+Specs = Any  # a tree of PartitionSpecs shaped like the encoder parameters, or None (whole everywhere)
 EmbedFn = Callable[[dict, jax.Array, jax.Array, jax.Array], jax.Array]
 EmbeddingLossFn = Callable[[dict, jax.Array, jax.Array, step.Batch], tuple[jax.Array, step.Metrics]]
 LossFn = Callable[[dict, step.Batch, jax.Array], tuple[jax.Array, step.Metrics]]
@@ -98,30 +106,77 @@ def _embed_pair(embed: EmbedFn, encoder_params: dict, q_rng: jax.Array, d_rng: j
             embed(encoder_params, di, dm, _sub_batch_key(d_rng, j, mesh)))
 
 
+def param_specs(encoder_params: Any) -> Specs:
+    """The PartitionSpec of every encoder parameter (arrays or ShapeDtypeStructs laid out on a mesh)."""
+    return jax.tree.map(lambda x: getattr(getattr(x, "sharding", None), "spec", P()), encoder_params)
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, P)
+
+
+def _spec_axes(spec: P) -> set[str]:
+    """The mesh axes a PartitionSpec splits over."""
+    return {a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)}
+
+
 def _on_devices(fn: Callable, mesh: Mesh | None, in_specs: tuple, out_specs) -> Callable:
     """`fn` on each device's rows of the batch (shard_map), or as it is without a mesh.
 
-    Specs say "rows" for arrays split on the batch dimension and "whole" for replicated ones.
+    Specs say "rows" for arrays split on the batch dimension and "whole" for replicated ones;
+    a tree of PartitionSpecs (the parameters' shards) stands as it is.
     """
     if mesh is None:
         return fn
-    spec = lambda x: P(_batch_axes(mesh)) if x == "rows" else P()
-    specs = jax.tree.map(spec, (in_specs, out_specs))
+    spec = lambda x: x if _is_spec(x) else P(_batch_axes(mesh)) if x == "rows" else P()
+    specs = jax.tree.map(spec, (in_specs, out_specs), is_leaf=_is_spec)
     return jax.shard_map(fn, mesh=mesh, in_specs=specs[0], out_specs=specs[1])
 
 
+def _gather(shards: dict, specs: Specs) -> dict:
+    """This device's parameter shards -> whole parameters (tiled all-gathers; their transpose is a
+    reduce-scatter, so gradients come back in the shards' layout). No specs: already whole."""
+    if specs is None:
+        return shards
+
+    def whole(spec: P, x: jax.Array) -> jax.Array:
+        for dim, axes in enumerate(spec):
+            if axes is not None:
+                x = jax.lax.all_gather(x, axes, axis=dim, tiled=True)
+        return x
+    return jax.tree.map(whole, specs, shards, is_leaf=_is_spec)
+
+
 def _varying(tree, mesh: Mesh | None):
-    """Marks replicated values as per-device, so their cotangents are not all-reduced per use."""
+    """Marks values as per-device on every batch axis (those they do not vary over yet), so their
+    cotangents are not all-reduced per use."""
     if mesh is None:
         return tree
-    axes = _batch_axes(mesh)
     cast = getattr(jax.lax, "pcast", None)
-    if cast is not None:
-        return jax.tree.map(lambda x: cast(x, axes, to="varying"), tree)
-    return jax.tree.map(lambda x: jax.lax.pvary(x, axes), tree)  # older jax spelling
+
+    def one(x):
+        aval = jax.typeof(x)  # the axes x already varies over: `vma` in older jax
+        varying = aval.manual_axis_type.varying if hasattr(aval, "manual_axis_type") else getattr(aval, "vma", ())
+        axes = tuple(a for a in _batch_axes(mesh) if a not in varying)
+        if not axes:
+            return x
+        return cast(x, axes, to="varying") if cast is not None else jax.lax.pvary(x, axes)  # older jax spelling
+    return jax.tree.map(one, tree)
 
 
-def make_chunked_embed(embed: EmbedFn, *, chunk: int, mesh: Mesh | None
+def _sum_over_devices(grads: dict, specs: Specs, mesh: Mesh) -> dict:
+    """Per-device partial gradients -> the gradient: summed over the batch axes each leaf's gather
+    has not already reduce-scattered over."""
+    if specs is None:
+        return jax.lax.psum(grads, _batch_axes(mesh))
+
+    def one(spec: P, g: jax.Array) -> jax.Array:
+        axes = tuple(a for a in _batch_axes(mesh) if a not in _spec_axes(spec))
+        return jax.lax.psum(g, axes) if axes else g
+    return jax.tree.map(one, specs, grads, is_leaf=_is_spec)
+
+
+def make_chunked_embed(embed: EmbedFn, *, chunk: int, mesh: Mesh | None, encoder_specs: Specs = None
                        ) -> Callable[[dict, step.Batch, jax.Array], tuple[jax.Array, jax.Array]]:
     """(encoder params, batch, dropout rng) -> ([B, H] queries, [B, H] documents), sub-batch by sub-batch.
 
@@ -131,10 +186,11 @@ def make_chunked_embed(embed: EmbedFn, *, chunk: int, mesh: Mesh | None
     def local(encoder_params, inputs, q_rng, d_rng):
         num_chunks = check_chunk(inputs[0].shape[0] * _num_shards(mesh), chunk, mesh)
         xs = (jnp.arange(num_chunks),) + tuple(_split(x, num_chunks) for x in inputs)
-        q, d = jax.lax.map(lambda a: _embed_pair(embed, encoder_params, q_rng, d_rng, mesh, *a), xs)
+        q, d = jax.lax.map(lambda a: _embed_pair(embed, _gather(encoder_params, specs), q_rng, d_rng, mesh, *a), xs)
         return _merge(q), _merge(d)
 
-    sharded = _on_devices(local, mesh, ("whole", ("rows",) * 4, "whole", "whole"), ("rows", "rows"))
+    specs = encoder_specs if mesh is not None else None
+    sharded = _on_devices(local, mesh, (specs or "whole", ("rows",) * 4, "whole", "whole"), ("rows", "rows"))
 
     def chunked_embed(encoder_params, batch, dropout_rng):
         q_rng, d_rng = jax.random.split(dropout_rng)
@@ -143,13 +199,14 @@ def make_chunked_embed(embed: EmbedFn, *, chunk: int, mesh: Mesh | None
     return chunked_embed
 
 
-def make_encoder_vjp(embed: EmbedFn, *, chunk: int, mesh: Mesh | None
+def make_encoder_vjp(embed: EmbedFn, *, chunk: int, mesh: Mesh | None, encoder_specs: Specs = None
                      ) -> Callable[[dict, step.Batch, jax.Array, jax.Array, jax.Array], dict]:
     """(encoder params, batch, dropout rng, dL/dq [B, H], dL/dd [B, H]) -> dL/d(encoder params).
 
     Re-embeds one sub-batch at a time under `jax.vjp` (only its activations live), applies the
     cached embedding cotangents, and sums the parameter gradients: per device over its
-    sub-batches, then once over devices.
+    sub-batches (reduce-scattered into the parameters' layout per sub-batch when `encoder_specs`
+    are given), then once over the devices still to add.
     """
     def local(encoder_params, inputs, q_rng, d_rng, g_q, g_d):
         num_chunks = check_chunk(inputs[0].shape[0] * _num_shards(mesh), chunk, mesh)
@@ -158,14 +215,17 @@ def make_encoder_vjp(embed: EmbedFn, *, chunk: int, mesh: Mesh | None
 
         def accumulate(total, x):
             j, qi, qm, di, dm, gq, gd = x
-            out, pullback = jax.vjp(lambda p: _embed_pair(embed, p, q_rng, d_rng, mesh, j, qi, qm, di, dm), params)
+            out, pullback = jax.vjp(
+                lambda p: _embed_pair(embed, _gather(p, specs), q_rng, d_rng, mesh, j, qi, qm, di, dm), params)
             (grad,) = pullback((gq.astype(out[0].dtype), gd.astype(out[1].dtype)))
             return jax.tree.map(jnp.add, total, grad), None
 
         total, _ = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), xs)
-        return total if mesh is None else jax.lax.psum(total, _batch_axes(mesh))
+        return total if mesh is None else _sum_over_devices(total, specs, mesh)
 
-    sharded = _on_devices(local, mesh, ("whole", ("rows",) * 4, "whole", "whole", "rows", "rows"), "whole")
+    specs = encoder_specs if mesh is not None else None
+    sharded = _on_devices(local, mesh, (specs or "whole", ("rows",) * 4, "whole", "whole", "rows", "rows"),
+                          specs or "whole")
 
     def encoder_vjp(encoder_params, batch, dropout_rng, g_q, g_d):
         q_rng, d_rng = jax.random.split(dropout_rng)
@@ -175,11 +235,11 @@ def make_encoder_vjp(embed: EmbedFn, *, chunk: int, mesh: Mesh | None
 
 
 def make_cached_value_and_grad(embed: EmbedFn, embedding_loss: EmbeddingLossFn, *, chunk: int,
-                               mesh: Mesh | None
+                               mesh: Mesh | None, encoder_specs: Specs = None
                                ) -> Callable[[dict, step.Batch, jax.Array], tuple[tuple[jax.Array, step.Metrics], dict]]:
     """(params, batch, dropout rng) -> ((loss, metrics), grads), like `jax.value_and_grad(loss_fn, has_aux=True)`."""
-    chunked_embed = make_chunked_embed(embed, chunk=chunk, mesh=mesh)
-    encoder_vjp = make_encoder_vjp(embed, chunk=chunk, mesh=mesh)
+    chunked_embed = make_chunked_embed(embed, chunk=chunk, mesh=mesh, encoder_specs=encoder_specs)
+    encoder_vjp = make_encoder_vjp(embed, chunk=chunk, mesh=mesh, encoder_specs=encoder_specs)
 
     def value_and_grad(params, batch, dropout_rng):
         check_chunk(batch["query_input_ids"].shape[0], chunk, mesh)
@@ -195,15 +255,17 @@ def make_cached_value_and_grad(embed: EmbedFn, embedding_loss: EmbeddingLossFn, 
 
 
 def make_cached_loss_fn(embed: EmbedFn, embedding_loss: EmbeddingLossFn, *, chunk: int,
-                        mesh: Mesh | None) -> LossFn:
+                        mesh: Mesh | None, encoder_specs: Specs = None) -> LossFn:
     """A drop-in for `step.make_loss_fn(...)` whose gradient is computed by gradient caching.
 
     A `jax.custom_vjp`: the forward pass of `jax.grad` runs both GradCache passes and keeps only
     the parameter gradient as residual; the backward pass scales it by the loss cotangent. Called
-    without differentiation it is pass 1 and the loss alone.
+    without differentiation it is pass 1 and the loss alone. `encoder_specs`: the parameters'
+    PartitionSpecs (`param_specs`) on an FSDP mesh; gradients then accumulate sharded.
     """
-    chunked_embed = make_chunked_embed(embed, chunk=chunk, mesh=mesh)
-    value_and_grad = make_cached_value_and_grad(embed, embedding_loss, chunk=chunk, mesh=mesh)
+    chunked_embed = make_chunked_embed(embed, chunk=chunk, mesh=mesh, encoder_specs=encoder_specs)
+    value_and_grad = make_cached_value_and_grad(embed, embedding_loss, chunk=chunk, mesh=mesh,
+                                                encoder_specs=encoder_specs)
 
     @jax.custom_vjp
     def loss_fn(params, batch, dropout_rng):
@@ -227,9 +289,9 @@ def make_cached_loss_fn(embed: EmbedFn, embedding_loss: EmbeddingLossFn, *, chun
 
 
 def make_chunked_loss_fn(embed: EmbedFn, embedding_loss: EmbeddingLossFn, *, chunk: int,
-                         mesh: Mesh | None) -> LossFn:
+                         mesh: Mesh | None, encoder_specs: Specs = None) -> LossFn:
     """Plain backprop through the sub-batched forward pass: what the cached loss fn computes, without caching."""
-    chunked_embed = make_chunked_embed(embed, chunk=chunk, mesh=mesh)
+    chunked_embed = make_chunked_embed(embed, chunk=chunk, mesh=mesh, encoder_specs=encoder_specs)
 
     def loss_fn(params, batch, dropout_rng):
         check_chunk(batch["query_input_ids"].shape[0], chunk, mesh)
@@ -240,7 +302,9 @@ def make_chunked_loss_fn(embed: EmbedFn, embedding_loss: EmbeddingLossFn, *, chu
 
 
 def make_cached_train_step(embed: EmbedFn, embedding_loss: EmbeddingLossFn, tx: optax.GradientTransformation,
-                           schedule: optax.Schedule, *, chunk: int, mesh: Mesh | None
+                           schedule: optax.Schedule, *, chunk: int, mesh: Mesh | None, encoder_specs: Specs = None
                            ) -> Callable[[step.TrainState, step.Batch], tuple[step.TrainState, step.Metrics]]:
-    """`step.make_train_step` over the cached loss fn: same state, metrics and update; jit with `step.jit_train_step`."""
-    return step.make_train_step(make_cached_loss_fn(embed, embedding_loss, chunk=chunk, mesh=mesh), tx, schedule)
+    """`step.make_train_step` over the cached loss fn: same state, metrics and update; jit with `step.jit_train_step`.
+    On an FSDP mesh pass `encoder_specs=param_specs(state.params["encoder"])`."""
+    return step.make_train_step(make_cached_loss_fn(embed, embedding_loss, chunk=chunk, mesh=mesh,
+                                                    encoder_specs=encoder_specs), tx, schedule)

@@ -100,7 +100,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     use_dropout = model.encoder.config.hidden_dropout_prob > 0
     if chunk:  # gradient caching: embed in sub-batches, backprop twice
         loss_fn = grad_cache.make_cached_loss_fn(step_lib.make_embed_fn(model.encoder, use_dropout),
-                                                 step_lib.make_objective(config.loss, mesh), chunk=chunk, mesh=mesh)
+                                                 step_lib.make_objective(config.loss, mesh), chunk=chunk, mesh=mesh,
+                                                 encoder_specs=grad_cache.param_specs(state.params["encoder"]))
     else:
         loss_fn = step_lib.make_loss_fn(model.encoder, config.loss, mesh, use_dropout)
     step_fn = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, tx, schedule), mesh, state)

@@ -43,34 +43,47 @@ def _folder(root, case):
         trainer = tokenizers.trainers.BpeTrainer(vocab_size=100, special_tokens=["<|endoftext|>", "<s>", "</s>"])
         tok.train_from_iterator([" ".join(WORDS)] * 4 + TEXTS, trainer)
     else:
-        vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-        tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-        tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-        tok.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        tok = word_tokenizer(["<unk>", "<s>", "</s>"], "<s> $A", "<unk>")
     tok.save(str(out / "tokenizer.json"))
     return out
 
 
-def _hf_embed(folder, texts, normalize):
-    """transformers' AutoModel + AutoTokenizer, last real token of each right-padded text."""
+def word_tokenizer(specials, template, unk):
+    """A whitespace word-level tokenizer over WORDS: `specials` take the first ids, `template` is the
+    post-processor's single-text template (e.g. "<s> $A"), `unk` (one of `specials`) stands for other words."""
+    import tokenizers
+    vocab = {**{t: i for i, t in enumerate(specials)}, **{w: i + len(specials) for i, w in enumerate(WORDS)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=unk))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single=template, special_tokens=[(t, vocab[t]) for t in specials if t in template])
+    return tok
+
+
+def _hf_embed(folder, texts, normalize, pooling="last"):
+    """transformers' AutoModel + AutoTokenizer on right-padded texts: the last real token, or the mean."""
     tok = transformers.AutoTokenizer.from_pretrained(str(folder))
     model = transformers.AutoModel.from_pretrained(str(folder)).eval()
     batch = tok(list(texts), padding=True, return_tensors="pt")
     assert (batch["attention_mask"][:, 0] == 1).all()  # right padding
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
-    last = batch["attention_mask"].sum(1) - 1
-    out = hidden[torch.arange(len(texts)), last].numpy()
+    if pooling == "mean":
+        mask = batch["attention_mask"][..., None].to(hidden.dtype)
+        out = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+    else:
+        out = hidden[torch.arange(len(texts)), batch["attention_mask"].sum(1) - 1].numpy()
     return out / np.linalg.norm(out, axis=1, keepdims=True) if normalize else out
 
 
-def _check(out, ours, normalize, name):
+def check_export(out, ours, normalize, name):
+    """sentence-transformers and AutoModel on the exported folder embed TEXTS as bixse-jax does."""
     st = sentence_transformers.SentenceTransformer(str(out), device="cpu")
     want = bixse_jax.encode(ours, TEXTS)
     theirs = np.asarray(st.encode(TEXTS, convert_to_numpy=True), np.float32)
-    hf = _hf_embed(out, TEXTS, normalize)
+    hf = _hf_embed(out, TEXTS, normalize, ours.settings.pooling)
     diffs = {"sentence-transformers": float(np.abs(theirs - want).max()), "AutoModel": float(np.abs(hf - want).max())}
-    print(f"[decoder export] {name}: max abs diff {diffs}")
+    print(f"[export] {name}: max abs diff {diffs}")
     assert max(diffs.values()) < TOLERANCE, diffs
     return st
 
@@ -84,7 +97,7 @@ def test_decoder_exports_embed_like_bixse(case, tmp_path):
     config = json.loads((st_out / "config.json").read_text())
     arch = {"llama": "LlamaModel", "qwen2": "Qwen2Model", "qwen3": "Qwen3Model"}[config["model_type"]]
     assert config["architectures"] == [arch] and config["dtype"] == "float32"
-    st = _check(st_out, model, True, f"{case} sentence-transformers folder")
+    st = check_export(st_out, model, True, f"{case} sentence-transformers folder")
     assert type(st[0].auto_model).__name__ == arch
     hf_out = export.export_model(model, tmp_path / "hf", "hf")
     assert not (hf_out / "modules.json").exists()
@@ -109,7 +122,7 @@ def test_trained_decoder_with_appended_eos_exports(tmp_path):
     trained = checkpoint.restore_model(workdir)
     assert trained.tokenizer.append_id == 2
     out = export.export_checkpoint(workdir, tmp_path / "st", "sentence-transformers")
-    st = _check(out, trained, True, "trained qwen2, eos appended")
+    st = check_export(out, trained, True, "trained qwen2, eos appended")
     ids = st.tokenize(["red cat"])["input_ids"][0].tolist()
     assert ids[-1] == 2 and ids[:-1] == trained.tokenizer.encode(["red cat"], 16)[0][:-1].tolist()
     assert st.prompts.get("query") == trained.settings.query_prompt
@@ -129,12 +142,4 @@ def test_bert_family_hf_format_is_an_automodel_folder(minilm_path, tmp_path):
     model = bixse_jax.load_encoder(minilm_path)
     out = export.export_model(model, tmp_path / "hf", "hf")
     assert json.loads((out / "config.json").read_text())["architectures"] == ["BertModel"]
-    tok = transformers.AutoTokenizer.from_pretrained(str(out))
-    hf = transformers.AutoModel.from_pretrained(str(out)).eval()
-    batch = tok(TEXTS, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        h = hf(**batch).last_hidden_state.numpy()
-    m = batch["attention_mask"].numpy()[..., None]
-    emb = (h * m).sum(1) / m.sum(1)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    np.testing.assert_allclose(emb, bixse_jax.encode(model, TEXTS), atol=TOLERANCE)
+    np.testing.assert_allclose(_hf_embed(out, TEXTS, True, "mean"), bixse_jax.encode(model, TEXTS), atol=TOLERANCE)

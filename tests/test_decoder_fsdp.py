@@ -59,7 +59,8 @@ def _run(setup, data, fsdp, chunk=None):
     if chunk:
         step_fn = grad_cache.make_cached_train_step(step_lib.make_embed_fn(encoder, False),
                                                     step_lib.make_objective(cfg.loss, mesh), tx, schedule,
-                                                    chunk=chunk, mesh=mesh)
+                                                    chunk=chunk, mesh=mesh,
+                                                    encoder_specs=grad_cache.param_specs(state.params["encoder"]))
     else:
         step_fn = step_lib.make_train_step(loss_fn, tx, schedule)
     new_state, metrics = step_lib.jit_train_step(step_fn, mesh, state)(state, batch)

@@ -107,7 +107,7 @@ def test_cached_train_step_equals_plain_update_with_fsdp(tiny, plain):
     assert "fsdp" in str(kernel.sharding.spec)  # the layout under test really is sharded
     step_fn = grad_cache.make_cached_train_step(
         step_lib.make_embed_fn(encoder, False), step_lib.make_objective(config.loss, mesh), tx, schedule,
-        chunk=16, mesh=mesh)
+        chunk=16, mesh=mesh, encoder_specs=grad_cache.param_specs(state.params["encoder"]))
     state, metrics = step_lib.jit_train_step(step_fn, mesh, state)(state, parallel.global_batch(_batch(), mesh))
     state, metrics = jax.device_get((state, metrics))
     assert int(state.step) == 1 and float(metrics["nonfinite"]) == 0.0

@@ -207,26 +207,28 @@ def test_xla_attention_remat_and_bfloat16_agree_with_the_default(tmp_path):
     assert np.abs(half - ref).max() <= 0.1 * np.abs(ref).max()
 
 
-WORDS = ["red", "blue", "cat", "dog", "runs", "sleeps", "fast", "slow", "big", "small", "question"]
+def _folder(case, out):
+    """A tiny random ModernBERT folder with a word-level tokenizer adding [CLS] ... [SEP], as ModernBERT's does,
+    and a tokenizer_config.json naming its special tokens (transformers' AutoTokenizer pads with [PAD])."""
+    from test_decoder_export import word_tokenizer
+    _write_model(case, out)
+    word_tokenizer(["[PAD]", "[CLS]", "[SEP]", "[UNK]"], "[CLS] $A [SEP]", "[UNK]").save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "[PAD]", "cls_token": "[CLS]",
+        "sep_token": "[SEP]", "unk_token": "[UNK]"}))
+    return out
 
 
-def test_cli_trains_a_modernbert_with_fsdp_and_export_refuses_it(tmp_path):
-    """A plain ModernBERT folder with a word-level tokenizer adding [CLS] ... [SEP], as ModernBERT's does."""
+def test_cli_trains_a_modernbert_with_fsdp_and_exports_it(tmp_path):
+    """Trained on a (data, fsdp) mesh by the CLI; its checkpoint exports as a sentence-transformers folder
+    that embeds as bixse-jax does."""
     import os
     import subprocess
     import sys
 
-    import tokenizers
-
+    from test_decoder_export import check_export
     from train_utils import cli_overrides, pairs_jsonl
-    model_dir = tmp_path / "tiny_modernbert"
-    _write_model("masked_lm", model_dir)
-    vocab = {"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, **{w: i + 3 for i, w in enumerate(WORDS)}, "[UNK]": 3 + len(WORDS)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
-    tok.save(str(model_dir / "tokenizer.json"))
+    model_dir = _folder("masked_lm", tmp_path / "tiny_modernbert")
     data = pairs_jsonl(tmp_path / "pairs.jsonl")
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "bixse_jax.cli", "train", "--workdir", str(workdir),
@@ -243,5 +245,33 @@ def test_cli_trains_a_modernbert_with_fsdp_and_export_refuses_it(tmp_path):
     base = hf_io.load_pretrained(model_dir)[1]
     moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(base))]
     assert max(moved) > 0
-    with pytest.raises(export.ExportError, match="'modernbert' cannot be exported"):
-        export.export_model(trained, tmp_path / "out", "hf-flax")
+    out = export.export_checkpoint(workdir, tmp_path / "st", "sentence-transformers")
+    check_export(out, trained, True, "trained modernbert, sentence-transformers folder")
+
+
+def test_modernbert_exports_embed_like_bixse(tmp_path):
+    """`hf` and `sentence-transformers` exports of a tiny random ModernBERT (mean pooling, a word-level
+    tokenizer that adds [CLS] ... [SEP]): sentence-transformers and AutoModel (ModernBertModel, float32)
+    embed as bixse-jax does within 1e-5; hf-flax is refused."""
+    import bixse_jax
+    from bixse_jax import export
+    from safetensors.numpy import load_file
+    from test_decoder_export import TEXTS, TOLERANCE, _hf_embed, check_export
+
+    model = bixse_jax.load_encoder(_folder("biased", tmp_path / "model"))
+    assert (model.config.model_type, model.settings.pooling) == ("modernbert", "mean")
+    st = check_export(export.export_model(model, tmp_path / "st", "sentence-transformers"), model, True,
+                      "modernbert sentence-transformers folder")
+    assert type(st[0].auto_model).__name__ == "ModernBertModel"
+    hf_out = export.export_model(model, tmp_path / "hf", "hf")
+    assert json.loads((hf_out / "config.json").read_text())["architectures"] == ["ModernBertModel"]
+    worst = float(np.abs(_hf_embed(hf_out, TEXTS, True, "mean") - bixse_jax.encode(model, TEXTS)).max())
+    print(f"[export] modernbert hf folder: AutoModel max abs diff {worst:.1e}")
+    assert worst < TOLERANCE
+    wqkv = load_file(str(hf_out / "model.safetensors"))["layers.1.attn.Wqkv.weight"]
+    np.testing.assert_array_equal(wqkv, model.params["layers"]["1"]["attn"]["Wqkv"]["kernel"].T)
+    again = bixse_jax.load_encoder(hf_out)  # and bixse-jax reads its own export back
+    np.testing.assert_array_equal(bixse_jax.encode(again, TEXTS), bixse_jax.encode(model, TEXTS))
+    with pytest.raises(export.ExportError, match="no Flax ModernBERT"):
+        export.export_model(model, tmp_path / "flax", "hf-flax")
+    assert not (tmp_path / "flax").exists()

@@ -5,7 +5,7 @@
 
 hf-flax: `FlaxBertModel.from_pretrained(DIR)` (transformers 4.x); sentence-transformers:
 `SentenceTransformer(DIR)`; hf: `transformers.AutoModel.from_pretrained(DIR)`. Decoder LLMs (llama, qwen2,
-qwen3) export as sentence-transformers or hf only (last-token pooling). All hold bixse.json with the learned t and b, which
+qwen3; last-token pooling) and ModernBERT export as sentence-transformers or hf only. All hold bixse.json with the learned t and b, which
 `bixse_jax.load_encoder(DIR)` and `bixse_jax.predict_relevance` use. Prints a JSON summary.
 """
 

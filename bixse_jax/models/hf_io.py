@@ -386,8 +386,9 @@ def save_torch_weights(out_dir: pathlib.Path, params: dict) -> str:
     return SAFE_WEIGHTS_NAME
 
 
-def save_decoder_torch_weights(out_dir: pathlib.Path, params: dict) -> str:
-    """A decoder's model.safetensors as transformers writes it (`model.layers.0.self_attn.q_proj.weight`, ...)."""
+def save_native_torch_weights(out_dir: pathlib.Path, params: dict) -> str:
+    """model.safetensors as transformers writes it, for the families whose tree keeps its names: decoders
+    (`model.layers.0.self_attn.q_proj.weight`, ...) and ModernBERT (`layers.0.attn.Wqkv.weight`, ...)."""
     from safetensors.numpy import save_file
     save_file(hf_decoder_io.flax_to_torch(params), str(out_dir / SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
     return SAFE_WEIGHTS_NAME

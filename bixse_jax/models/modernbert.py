@@ -132,6 +132,16 @@ class ModernBertConfig:
         kwargs.update(overrides)
         return cls(**kwargs)
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The architecture in transformers' config.json vocabulary (the inverse of `from_hf_dict`): RoPE
+        both as transformers 5's per-layer-type `rope_parameters` and as 4's two thetas."""
+        hf = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _TRAINING_FIELDS}
+        hf["layer_types"] = list(self.layer_types)
+        hf["rope_parameters"] = {
+            "full_attention": {"rope_type": "default", "rope_theta": self.global_rope_theta},
+            "sliding_attention": {"rope_type": "default", "rope_theta": self.local_rope_theta}}
+        return hf
+
 
 def _dense(cfg: ModernBertConfig, features: int, axes: tuple[str, str], use_bias: bool, name: str) -> nn.Dense:
     dtype, dot = dense_dtype_and_dot(cfg)
