@@ -97,6 +97,28 @@ def test_encode_txt_and_jsonl_match_the_encoder(tiny_model_dir, tiny_enc, tmp_pa
     assert rounded.dtype == np.float32 and 1e-6 < np.abs(rounded - docs).max() < 3e-2
 
 
+def test_pooling_and_normalize_flags_override_the_models_own(tiny_model_dir, tmp_path, capsys):
+    """--pooling / --no-normalize (shared by encode, eval and mine) reach the encoder; the model's
+    own settings (mean, normalised) are the default."""
+    texts = ["a short sentence", "protein folding in the cell"]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    base = ["--model", str(tiny_model_dir), "--input", str(tmp_path / "in.txt"), "--max-len", "32"]
+    _run_cli(encode_cmd, [*base, "--out", str(tmp_path / "mean.npy")], capsys)
+    _run_cli(encode_cmd, [*base, "--pooling", "cls", "--no-normalize", "--out", str(tmp_path / "cls.npy")], capsys)
+    cls = np.load(tmp_path / "cls.npy")
+    expected = evaluate.load_text_encoder(tiny_model_dir, max_len=32, pooling="cls", normalize=False)
+    assert (expected.encoder.pooling, expected.encoder.normalize) == ("cls", False)
+    np.testing.assert_allclose(cls, expected.documents(texts), atol=1e-6)
+    assert np.abs(np.linalg.norm(np.load(tmp_path / "mean.npy"), axis=1) - 1).max() < 1e-5
+    assert np.abs(np.linalg.norm(cls, axis=1) - 1).min() > 1e-3  # not normalised
+    assert not np.allclose(cls / np.linalg.norm(cls, axis=1, keepdims=True), np.load(tmp_path / "mean.npy"),
+                           atol=1e-3)  # a different pooling, not only a different length
+    for module in (eval_cmd, mine_cmd):  # the same flags, parsed by every encoding command
+        with pytest.raises(SystemExit) as exit_info:
+            module.main([f"bixse-jax {module.__name__.rsplit('.', 1)[1]}", "--model", "m", "--pooling", "max"])
+        assert exit_info.value.code == 2 and "invalid choice: 'max'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name,content,match", [
     ("in.txt", "first\n\nthird\n", r"in.txt:2: empty line"),
     ("in.txt", "first\n   \n", r"in.txt:2: empty line"),

@@ -42,6 +42,14 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query-max-len", type=int, default=None, help="token limit for queries (default: --max-len)")
     parser.add_argument("--query-prefix", default=None,
                         help="text prepended to queries (default: the model's query prompt / the run's query_prefix)")
+    parser.add_argument("--pooling", default=None, choices=("mean", "cls", "last"),
+                        help="token states -> one vector (default: the model's own; mean for BERT-family "
+                             "encoders, last-token for decoder LLMs)")
+    parser.add_argument("--normalize", default=None, action=argparse.BooleanOptionalAction,
+                        help="L2-normalise embeddings (default: the model's own setting; on for plain folders)")
+    parser.add_argument("--append-eos", action="store_true",
+                        help="put the eos token after every text (last-token pooling of a decoder whose tokenizer "
+                             "adds none; a model folder, not a workdir, which keeps its training setting)")
     parser.add_argument("--batch-size", type=int, default=128, help="texts per encoder call, over all devices")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     parser.add_argument("--matmul-dtype", default=None, choices=("float32", "bfloat16"),
@@ -87,6 +95,7 @@ def load_encoder(args: argparse.Namespace):
     return load_text_encoder(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype, dense_impl=dense,
                              batch_size=args.batch_size, max_len=args.max_len,
                              query_max_len=args.query_max_len, query_prefix=args.query_prefix,
+                             pooling=args.pooling, normalize=args.normalize, append_eos=args.append_eos,
                              step=args.step, show_progress=True)
 
 

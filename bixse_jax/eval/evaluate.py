@@ -159,25 +159,31 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def load_text_encoder(name_or_path: str | pathlib.Path, *, dtype: str = "float32",
                       matmul_dtype: str | None = None, dense_impl: str = "xla", batch_size: int = 128,
                       max_len: int | None = None, query_max_len: int | None = None,
-                      query_prefix: str | None = None, step: int | None = None, mesh: Mesh | None = None,
-                      show_progress: bool = False) -> TextEncoder:
+                      query_prefix: str | None = None, pooling: str | None = None,
+                      normalize: bool | None = None, append_eos: bool = False, step: int | None = None,
+                      mesh: Mesh | None = None, show_progress: bool = False) -> TextEncoder:
     """A model folder (HF, sentence-transformers or a bixse-jax export), a hub name, or a training workdir.
 
     A workdir gives its newest checkpoint's encoder (or `step`'s), read by bixse_jax.checkpoint without
     the optimiser state. Defaults: the query prompt (a workdir's `model.query_prefix`) and lengths
     (a workdir's or export's training lengths, else the folder's max_seq_length, else the position
-    limit). `max_len` sets both lengths, `query_max_len` the query length alone.
+    limit). `max_len` sets both lengths, `query_max_len` the query length alone. `pooling` and
+    `normalize` override the model's own (None keeps it); `append_eos` applies to model folders.
     """
     if checkpoint.is_workdir(name_or_path):
         model = checkpoint.restore_model(name_or_path, step)
+        if append_eos:
+            raise UserError(f"{name_or_path}: append_eos is for model folders; a training workdir keeps its "
+                            "model.append_eos")
         config = dataclasses.replace(model.config, dtype=dtype, matmul_dtype=matmul_dtype, dense_impl=dense_impl)
-        model = dataclasses.replace(model, encoder=SentenceEncoder(config, model.encoder.pooling,
-                                                                   model.encoder.normalize))
+        model = dataclasses.replace(model, encoder=SentenceEncoder(
+            config, pooling or model.encoder.pooling, model.encoder.normalize if normalize is None else normalize))
         source = f"{model.source['workdir']} (checkpoint {model.source['step']}, base {model.source['base_model']})"
     else:
         if step is not None:
             raise UserError(f"{name_or_path}: a checkpoint step needs a training workdir")
-        model = load_encoder(name_or_path, dtype=dtype, matmul_dtype=matmul_dtype, dense_impl=dense_impl)
+        model = load_encoder(name_or_path, pooling=pooling, normalize=normalize, append_eos=append_eos,
+                             dtype=dtype, matmul_dtype=matmul_dtype, dense_impl=dense_impl)
         source = str(model.model_dir)
     limit = position_limit(model)
     query_len = query_max_len or max_len or max_length(model, query=True)
