@@ -111,7 +111,8 @@ def tiny_decoder_dir(tmp_path_factory) -> pathlib.Path:
     from safetensors.numpy import save_file
 
     from bixse_jax.models import hf_decoder_io
-    from bixse_jax.models.decoder import DecoderConfig, init_params
+    from bixse_jax.models.architectures import init_params
+    from bixse_jax.models.decoder import DecoderConfig
 
     out = tmp_path_factory.mktemp("tiny_llama")
     config = DecoderConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -13,7 +13,8 @@ from jax.sharding import PartitionSpec as P
 from bixse_jax import grad_cache, parallel, step as step_lib
 from bixse_jax.default_config import base_config
 from bixse_jax.models import architectures
-from bixse_jax.models.decoder import DecoderConfig, init_params
+from bixse_jax.models.architectures import init_params
+from bixse_jax.models.decoder import DecoderConfig
 from bixse_jax.models.encoder import SentenceEncoder
 
 CONFIG = DecoderConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

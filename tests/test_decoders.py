@@ -15,7 +15,8 @@ import pytest
 from flax import traverse_util
 
 from bixse_jax.models import architectures, hf_io
-from bixse_jax.models.decoder import DecoderConfig, init_params
+from bixse_jax.models.decoder import DecoderConfig
+from bixse_jax.models.architectures import init_params
 from bixse_jax.models.encoder import SentenceEncoder
 
 from conftest import skip_unless_ci

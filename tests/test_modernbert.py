@@ -17,7 +17,8 @@ from flax import traverse_util
 
 from bixse_jax.models import architectures, hf_io
 from bixse_jax.models.encoder import SentenceEncoder
-from bixse_jax.models.modernbert import ModernBertConfig, init_params
+from bixse_jax.models.modernbert import ModernBertConfig
+from bixse_jax.models.architectures import init_params
 
 from conftest import skip_unless_ci
 

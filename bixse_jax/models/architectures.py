@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Callable, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
@@ -59,17 +60,30 @@ def module(config: ModelConfig) -> nn.Module:
     return modernbert.ModernBertModel(config) if is_modernbert(config) else bert.BertModel(config)
 
 
+def _init_boxed(config: ModelConfig, rng: jax.Array) -> dict:
+    """Decoders' and ModernBERT's parameters, each in its nn.LogicallyPartitioned box."""
+    ids = jnp.zeros((1, 8), jnp.int32)
+    return module(config).init(rng, ids, jnp.ones_like(ids))["params"]
+
+
 def init_params(config: ModelConfig, rng: jax.Array) -> dict:
-    return _family(config).init_params(config, rng)
+    """Random float32 parameters (tests, from-scratch runs), without the logical-axis boxes."""
+    if _family(config) is bert:
+        return bert.init_params(config, rng)
+    return nn.unbox(_init_boxed(config, rng))
 
 
 def param_shapes(config: ModelConfig) -> dict:
-    return _family(config).param_shapes(config)
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
 
 
 def param_axes(config: ModelConfig) -> dict | None:
-    family = _family(config)
-    return None if family is bert else family.param_axes(config)
+    """The parameter tree with each leaf replaced by its logical axis names, e.g. ("embed", "heads");
+    None for the BERT family (parallel.py reads its axes from the parameter paths)."""
+    if _family(config) is bert:
+        return None
+    boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0)))
+    return jax.tree.map(lambda box: tuple(box.names), boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def torch_to_flax(config: ModelConfig) -> Callable[[str, np.ndarray], tuple[tuple[str, ...], np.ndarray] | None] | None:

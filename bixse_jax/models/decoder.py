@@ -199,6 +199,16 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(v.dtype)
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str | None) -> jax.Array:
+    """Attention by the configured implementation: `gqa_attention` ("einsum", the default on a CPU)
+    or jax.nn.dot_product_attention (None: XLA's choice elsewhere; "xla", "cudnn")."""
+    if impl is None and jax.default_backend() == "cpu":
+        impl = "einsum"
+    if impl == "einsum":
+        return gqa_attention(q, k, v, mask)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
+
+
 class Attention(nn.Module):
     config: DecoderConfig
 
@@ -213,14 +223,7 @@ class Attention(nn.Module):
             q = RMSNorm(cfg.rms_norm_eps, cfg.dtype, "head_dim", name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, cfg.dtype, "head_dim", name="k_norm")(k)
         q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
-        impl = cfg.attention_impl
-        if impl is None and jax.default_backend() == "cpu":
-            impl = "einsum"
-        if impl == "einsum":
-            out = gqa_attention(q, k, v, mask)
-        else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
-        out = out.reshape(x.shape[:2] + (heads * d,))
+        out = attend(q, k, v, mask, cfg.attention_impl).reshape(x.shape[:2] + (heads * d,))
         return _dense(cfg, cfg.hidden_size, ("heads", "embed"), cfg.o_bias, "o_proj")(out)
 
 
@@ -293,23 +296,3 @@ class DecoderModel(nn.Module):
                  token_type_ids: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         del token_type_ids, deterministic  # no segments, no dropout
         return _Backbone(self.config, name="model")(input_ids, attention_mask)
-
-
-def _init_boxed(config: DecoderConfig, rng: jax.Array) -> dict:
-    ids = jnp.zeros((1, 8), jnp.int32)
-    return DecoderModel(config).init(rng, ids, jnp.ones_like(ids))["params"]
-
-
-def init_params(config: DecoderConfig, rng: jax.Array) -> dict:
-    """Random float32 parameters (tests, from-scratch runs), without the logical-axis boxes."""
-    return nn.unbox(_init_boxed(config, rng))
-
-
-def param_shapes(config: DecoderConfig) -> dict:
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-
-
-def param_axes(config: DecoderConfig) -> dict:
-    """The parameter tree with each leaf replaced by its logical axis names, e.g. ("embed", "heads")."""
-    boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0)))
-    return jax.tree.map(lambda box: tuple(box.names), boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

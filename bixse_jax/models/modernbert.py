@@ -29,7 +29,7 @@ from flax import linen as nn
 from bixse_jax.errors import ConfigError
 from bixse_jax.models import rope
 from bixse_jax.models.bert import _ACTIVATIONS, REMAT_POLICIES, check_compute_settings, dense_dtype_and_dot
-from bixse_jax.models.decoder import gqa_attention
+from bixse_jax.models.decoder import attend
 
 MODERNBERT_MODEL_TYPES = ("modernbert",)
 MODERNBERT_ATTENTION_IMPLS = (None, "xla", "einsum")  # cuDNN's lengths cannot express a sliding window
@@ -184,14 +184,7 @@ class Attention(nn.Module):
         qkv = _dense(cfg, 3 * heads * d, ("embed", "heads"), cfg.attention_bias, "Wqkv")(x)
         q, k, v = (qkv.reshape(x.shape[:2] + (3, heads, d))[:, :, i] for i in range(3))
         q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
-        impl = cfg.attention_impl
-        if impl is None and jax.default_backend() == "cpu":
-            impl = "einsum"
-        if impl == "einsum":
-            out = gqa_attention(q, k, v, mask)
-        else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
-        out = out.reshape(x.shape[:2] + (heads * d,))
+        out = attend(q, k, v, mask, cfg.attention_impl).reshape(x.shape[:2] + (heads * d,))
         return _dense(cfg, cfg.hidden_size, ("heads", "embed"), cfg.attention_bias, "Wo")(out)
 
 
@@ -265,26 +258,6 @@ class ModernBertModel(nn.Module):
         rotations = {t: rope.cos_sin(positions, cfg.inverse_frequencies(t)) for t in set(cfg.layer_types)}
         x = _Layers(cfg, name="layers")(x, rotations, masks)
         return _norm(cfg, "final_norm")(x)
-
-
-def _init_boxed(config: ModernBertConfig, rng: jax.Array) -> dict:
-    ids = jnp.zeros((1, 8), jnp.int32)
-    return ModernBertModel(config).init(rng, ids, jnp.ones_like(ids))["params"]
-
-
-def init_params(config: ModernBertConfig, rng: jax.Array) -> dict:
-    """Random float32 parameters (tests, from-scratch runs), without the logical-axis boxes."""
-    return nn.unbox(_init_boxed(config, rng))
-
-
-def param_shapes(config: ModernBertConfig) -> dict:
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-
-
-def param_axes(config: ModernBertConfig) -> dict:
-    """The parameter tree with each leaf replaced by its logical axis names, e.g. ("embed", "heads")."""
-    boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0)))
-    return jax.tree.map(lambda box: tuple(box.names), boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 # --- transformers' tensor names -> this tree -------------------------------------------------------
