@@ -115,5 +115,5 @@ def main(argv: list[str]) -> None:
         from bixse_jax.label import agreement
         out = pathlib.Path(args.compare_out or f"{args.out}.agreement.json")
         report["agreement"] = agreement.compare_files(args.out, args.compare_qrels, out,
-                                                      teacher=args.teacher_name)
+                                                      teacher=args.teacher_name or report.get("label", {}).get("teacher"))
     print(json.dumps(report, indent=2))

@@ -50,7 +50,9 @@ def grade_token_ids(tokenizer: Tokenizer, grades: Sequence[int]) -> list[int]:
     for grade in grades:
         tokens = tokenizer.encode([str(grade)], 64, add_special_tokens=False)[0].tolist()
         if len(tokens) != 1:
-            bad.append(f"{grade!r} -> {len(tokens)} tokens {tokens}")
+            bad.append(f"'{grade}' -> {len(tokens)} tokens {tokens}")
+        elif tokenizer.decode(tokens).strip() != str(grade):  # e.g. the unknown token
+            bad.append(f"'{grade}' -> token {tokens[0]} which reads {tokenizer.decode(tokens)!r}")
         else:
             ids.append(tokens[0])
     if bad:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 
 from bixse_jax.errors import UserError
 
@@ -25,6 +26,7 @@ Passage: {document}
 Answer with the grade only, a single digit from 0 to 3."""
 
 PLACEHOLDERS = ("{query}", "{document}")
+_FIELD = re.compile(r"\{(query|document)\}")
 
 
 class PromptError(UserError):
@@ -43,8 +45,10 @@ def load_template(path: str | os.PathLike | None) -> str:
 
 
 def fill(template: str, query: str, document: str) -> str:
-    """The template with both fields in; plain replacement, so braces in texts or template are safe."""
-    return template.replace("{query}", query).replace("{document}", document)
+    """The template with both fields in, in one pass: other braces, and a query that happens to
+    hold "{document}", stay as they are."""
+    values = {"query": query, "document": document}
+    return _FIELD.sub(lambda m: values[m.group(1)], template)
 
 
 def read_chat_template(model_path: str | os.PathLike, model_dir: pathlib.Path) -> str | None:
