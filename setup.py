@@ -40,11 +40,14 @@ setup(
         "mkl": [MKL],
         # GGUF files (llama.cpp): read and dequantised by the gguf package (bixse_jax/models/gguf_io.py).
         "gguf": ["gguf>=0.10"],
+        # `bixse-jax label`: chat templates (jinja2), agreement figures (scipy) and their plot (matplotlib).
+        "label": ["jinja2>=3.1", "scipy>=1.11", "matplotlib>=3.8"],
         # torch is pinned: 2.13.0 is the CPU build these machines carry; an unpinned torch pulls
         # a multi-GB CUDA build. It and sentence-transformers serve the interoperability tests.
         "test": ["pytest>=8", "scipy>=1.11", "ir-measures>=0.3", "torch==2.13.0", "sentence-transformers>=6,<7",
                  "matplotlib>=3.8",  # matplotlib: the reproduction's plot (experiments/make_results.py)
                  "gguf>=0.10",  # tests/test_gguf.py
+                 "jinja2>=3.1",  # tests/test_label.py: chat templates
                  MKL],  # tests/test_cpu_blas.py
     },
     entry_points={"console_scripts": ["bixse-jax=bixse_jax.cli:main"]},

@@ -215,3 +215,27 @@ def test_cli_labels_resumes_and_compares(chat_teacher_dir, tmp_path, capsys):
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["doc_id"] for r in lines) == sorted(r["doc_id"] for r in data)
     assert all(set(r) >= {"score", "grade_probs", "grade", "teacher", "grade_mass"} for r in lines)
+
+
+def test_fsdp_mesh_document_cut_and_over_long_prompts(chat_teacher_dir):
+    """Parameters split over fsdp=2 give the same labels; long documents are cut to max_doc_tokens
+    before the prompt is built; a prompt still over max_len fails alone, with its reason."""
+    from bixse_jax import parallel
+    from bixse_jax.label.jax_teacher import JaxTeacher
+    data = _rows(6)
+    data[0] = dict(data[0], query=" ".join(["cat"] * 60))  # the query is never cut
+    plain = JaxTeacher(chat_teacher_dir, grades=[0, 1, 2, 3], template=TEMPLATE, batch_size=8, max_len=48,
+                       max_doc_tokens=5)
+    split = JaxTeacher(chat_teacher_dir, grades=[0, 1, 2, 3], template=TEMPLATE, batch_size=8, max_len=48,
+                       max_doc_tokens=5, mesh=parallel.make_mesh(fsdp=2))
+    embed = split.params["model"]["embed_tokens"]["embedding"]
+    assert tuple(embed.sharding.spec) == (None, "fsdp")  # the embedding width is split
+    long_doc = dict(data[1], document=" ".join(["dog"] * 40))
+    assert len(plain.prompt_ids([long_doc])[0]) == len(plain.prompt_ids([dict(long_doc, document="dog " * 5)])[0])
+    outcomes = {}
+    for teacher in (plain, split):
+        outcomes[teacher] = {o.row["doc_id"]: o for batch in teacher.label(data) for o in batch}
+    assert outcomes[plain]["d0"].error == "prompt has more than 48 tokens (--max-len)"
+    for doc_id, o in outcomes[plain].items():
+        if doc_id != "d0":
+            np.testing.assert_allclose(o.grade_logits, outcomes[split][doc_id].grade_logits, atol=1e-5)
