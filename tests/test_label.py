@@ -239,3 +239,22 @@ def test_fsdp_mesh_document_cut_and_over_long_prompts(chat_teacher_dir):
     for doc_id, o in outcomes[plain].items():
         if doc_id != "d0":
             np.testing.assert_allclose(o.grade_logits, outcomes[split][doc_id].grade_logits, atol=1e-5)
+
+
+def test_cli_input_errors_are_one_line_exit_2(chat_teacher_dir, tmp_path, capsys):
+    from bixse_jax.cli import main
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps(_rows(1)[0]) + "\n")
+    cases = [(["--grades", "0,12"], "'12' -> 2 tokens"),
+             (["--prompt", str(tmp_path / "missing.txt")], "missing.txt"),
+             (["--batch-size", "0"], "--batch-size must be >= 1")]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["bixse-jax", "label", "--teacher", str(chat_teacher_dir), "--input", str(inp),
+                  "--out", str(tmp_path / "o.jsonl"), *extra])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["bixse-jax", "label", "--teacher", "http://127.0.0.1:9/v1", "--input", str(inp), "--out", "o"])
+    assert "--model is required" in capsys.readouterr().err
