@@ -109,7 +109,9 @@ def plot(result: dict[str, Any], out: pathlib.Path, title: str) -> None:
 def compare_files(graded: str | os.PathLike, qrels_path: str | os.PathLike, out: pathlib.Path,
                   teacher: str | None = None) -> dict[str, Any]:
     """Agreement of a label file's rows (one teacher's) with a qrels file; JSON to `out`, PNG beside it."""
-    rows = [json.loads(line) for line in pathlib.Path(graded).read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = pathlib.Path(graded).read_text(encoding="utf-8")
+    text = text[:text.rfind("\n") + 1]  # a line still being written (a labeller at work) is left out
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     teachers = sorted({r["teacher"] for r in rows})
     if teacher is None and len(teachers) > 1:
         raise UserError(f"{graded} holds several teachers {teachers}; name one with --teacher-name")

@@ -61,6 +61,8 @@ class JaxTeacher:
                  use_chat_template: bool = True, dtype: str = "float32", dense_impl: str = "xla",
                  batch_size: int = 16, max_len: int | None = None, max_doc_tokens: int = 384,
                  mesh: Mesh | None = None, name: str | None = None):
+        if jax.process_count() > 1:  # every process would read all rows and write the same file
+            raise UserError("the in-process teacher runs on one host; give each host its own --input and --out")
         config, params, model_dir = hf_io.load_pretrained(model_path, dtype=dtype, dense_impl=dense_impl)
         if not architectures.is_decoder(config):
             raise UserError(f"{model_path}: the teacher must be a decoder LLM (llama, qwen2, qwen3), "
