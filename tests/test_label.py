@@ -258,3 +258,16 @@ def test_cli_input_errors_are_one_line_exit_2(chat_teacher_dir, tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["bixse-jax", "label", "--teacher", "http://127.0.0.1:9/v1", "--input", str(inp), "--out", "o"])
     assert "--model is required" in capsys.readouterr().err
+
+
+def test_bfloat16_teacher_runs_and_stays_close(chat_teacher_dir):
+    from bixse_jax.label.grades import grade_distribution
+    from bixse_jax.label.jax_teacher import JaxTeacher
+    data = _rows(8)
+    probs = {}
+    for dtype in ("float32", "bfloat16"):
+        teacher = JaxTeacher(chat_teacher_dir, grades=[0, 1, 2, 3], template=TEMPLATE, batch_size=8, dtype=dtype)
+        probs[dtype] = {o.row["doc_id"]: grade_distribution(o.grade_logits) for b in teacher.label(data) for o in b}
+    assert teacher.params["model"]["norm"]["weight"].dtype == np.dtype("bfloat16")
+    diff = max(np.abs(probs["float32"][k] - probs["bfloat16"][k]).max() for k in probs["float32"])
+    assert 0 < diff < 0.05  # bfloat16 really ran (not identical) and stays close
