@@ -40,6 +40,8 @@ setup(
         "mkl": [MKL],
         # GGUF files (llama.cpp): read and dequantised by the gguf package (bixse_jax/models/gguf_io.py).
         "gguf": ["gguf>=0.10"],
+        # `bixse-jax label`: chat templates (jinja2), agreement figures (scipy) and their plot (matplotlib).
+        "label": ["jinja2>=3.1", "scipy>=1.11", "matplotlib>=3.8"],
         # torch is pinned: 2.13.0 is the CPU build these machines carry; an unpinned torch pulls
         # a multi-GB CUDA build. It and sentence-transformers serve the interoperability tests.
         "test": ["pytest>=8", "pytest-xdist>=3.5",  # the suite runs on 2 workers (README test command)
@@ -47,6 +49,7 @@ setup(
                  "matplotlib>=3.8",  # matplotlib: the reproduction's plot (experiments/make_results.py)
                  "gguf>=0.10",  # tests/test_gguf.py
                  "accelerate>=1.0",  # tests/test_gguf.py: transformers reads GGUF files only with it
+                 "jinja2>=3.1",  # tests/test_label.py: chat templates
                  MKL],  # tests/test_cpu_blas.py
     },
     entry_points={"console_scripts": ["bixse-jax=bixse_jax.cli:main"]},

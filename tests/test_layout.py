@@ -26,12 +26,14 @@ STAGES = [
     ("logit init", ("bixse_jax.logit_init",)),
     ("checkpoint", ("bixse_jax.checkpoint",)),
     ("eval and inference", ("bixse_jax.eval.", "bixse_jax.inference")),
+    ("label", ("bixse_jax.label.",)),
     ("experiment", ("bixse_jax.experiment",)),
     ("train", ("bixse_jax.train",)),
     ("export", ("bixse_jax.export",)),
     ("commands", ("bixse_jax.commands.", "bixse_jax.cli")),
 ]
-PACKAGES = {"bixse_jax", "bixse_jax.data", "bixse_jax.models", "bixse_jax.eval", "bixse_jax.commands"}
+PACKAGES = {"bixse_jax", "bixse_jax.data", "bixse_jax.models", "bixse_jax.eval", "bixse_jax.commands",
+            "bixse_jax.label"}
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -53,8 +53,9 @@ class Tokenizer:
         raise FileNotFoundError(
             f"{path}: no tokenizer found (expected tokenizer.json or vocab.txt)")
 
-    def encode(self, texts: Sequence[str], max_len: int) -> list[np.ndarray]:
-        """Token ids with special tokens, truncated to max_len (final [SEP] kept)."""
+    def encode(self, texts: Sequence[str], max_len: int, *, add_special_tokens: bool = True) -> list[np.ndarray]:
+        """Token ids with special tokens (unless `add_special_tokens=False`, for text that already
+        holds them, such as a rendered chat template), truncated to max_len (final [SEP] kept)."""
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         if not texts:
@@ -64,12 +65,19 @@ class Tokenizer:
             raise ValueError(f"max_len must be >= 2 to append a token, got {max_len}")
         self._tok.enable_truncation(max_length=max_len - appended)
         try:
-            encodings = self._tok.encode_batch(list(texts))
+            encodings = self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         finally:
             self._tok.no_truncation()
         if appended:
             return [np.asarray(e.ids + [self.append_id], dtype=np.int32) for e in encodings]
         return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids, special tokens dropped (e.g. a document cut to a token budget)."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
 
     def check_vocab(self, model_vocab_size: int, source: str) -> None:
         """Fails early when the tokenizer can emit ids the embedding table lacks."""

@@ -192,3 +192,10 @@ def resolve(path: pathlib.Path) -> pathlib.Path:
                 if not (out / "config.json").is_file():  # not another process's finished folder
                     raise
     return out
+
+
+def chat_template(path: str | os.PathLike) -> str | None:
+    """The file's `tokenizer.chat_template` metadata (the label command's prompt wrapper), or None."""
+    path = pathlib.Path(path)
+    value = _fields(_reader(path)).get("tokenizer.chat_template")
+    return value if isinstance(value, str) and value else None

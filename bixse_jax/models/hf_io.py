@@ -191,6 +191,23 @@ def read_weights(model_dir: pathlib.Path) -> dict[str, np.ndarray]:
     return out
 
 
+def read_tensor(model_dir: pathlib.Path, name: str) -> np.ndarray | None:
+    """One float32 tensor (e.g. `lm_head.weight`, which encoders drop) from the safetensors weights;
+    None when no file holds it."""
+    found = _weight_files(model_dir / SAFE_WEIGHTS_NAME, model_dir / SAFE_WEIGHTS_INDEX_NAME)
+    if found is None:
+        return None
+    files, weight_map = found
+    if weight_map:
+        files = [model_dir / weight_map[name]] if name in weight_map else []
+    from safetensors import safe_open
+    for file in files:
+        with safe_open(str(file), framework="flax") as f:
+            if name in f.keys():
+                return np.asarray(f.get_tensor(name).astype(np.float32))
+    return None
+
+
 def convert_weights(weights: dict[str, np.ndarray], config: ModelConfig, source: str) -> dict:
     """Rename, transpose and check against the module's parameter shapes; nested float32 params."""
     rename = architectures.torch_to_flax(config) or torch_to_flax
