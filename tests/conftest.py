@@ -62,9 +62,9 @@ def tiny_model_dir(tmp_path_factory, minilm_path) -> pathlib.Path:
     return out
 
 
-# The slowest files start first: under `pytest -n 2 --dist loadfile` (README's test command) each
-# file runs whole on one worker, in collection order, so a long file left to the end would run
-# alone while the other worker idles.
+# The slowest files start first: under `pytest -n 2 --dist loadfile --no-loadscope-reorder` (README's
+# test command) each file runs whole on one worker, in collection order (xdist's default order is by
+# test count instead), so a long file left to the end would run alone while the other worker idles.
 SLOW_FILES_FIRST = ("test_parity.py", "test_preemption.py", "test_reproduce.py", "test_prefetch.py",
                     "test_multihost.py", "test_train.py")
 
