@@ -18,6 +18,7 @@ try:
 except ImportError:
     skip_unless_ci("torch and transformers are needed for the teacher parity tests (pip install -e .[test])")
 
+from bixse_jax.data import sources
 from bixse_jax.label import agreement, grades, prompts, rows
 from bixse_jax.label.grades import GradeError
 
@@ -185,6 +186,20 @@ def test_agreement_figures_on_known_rows(tmp_path):
     from scipy import stats
     assert result["spearman"] == pytest.approx(stats.spearmanr([r["score"] for r in data], human).statistic)
     assert result["mean_expected_grade_by_human_grade"]["3"] == pytest.approx((1.8 + 2.4) / 2)  # argmax 2, 3
+
+def test_read_qrels_takes_beir_and_trec_and_names_the_bad_line(tmp_path):
+    beir, trec, bad = tmp_path / "test.tsv", tmp_path / "qrels.txt", tmp_path / "bad.tsv"
+    beir.write_text("query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td2\t0\n")
+    trec.write_text("q1 0 d1 3\nq2 Q0 d9 1\n")
+    assert agreement.read_qrels(beir) == {("q1", "d1"): 2, ("q1", "d2"): 0}
+    assert agreement.read_qrels(trec) == {("q1", "d1"): 3, ("q2", "d9"): 1}
+    bad.write_text("q1\td1\t2\nq1\td2\thigh\n")
+    with pytest.raises(sources.DataError, match=r'bad.tsv:2: field "score": \'high\' is not a number'):
+        agreement.read_qrels(bad)
+    bad.write_text("q1\td1\n")
+    with pytest.raises(sources.DataError, match="bad.tsv:1: expected"):
+        agreement.read_qrels(bad)
+
 
 
 @pytest.fixture(scope="module")

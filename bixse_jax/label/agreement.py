@@ -15,27 +15,30 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from bixse_jax.data import sources
 from bixse_jax.errors import UserError
-from bixse_jax.label.rows import LabelInputError
+from bixse_jax.eval import metrics
 
 
 def read_qrels(path: str | os.PathLike) -> dict[tuple[str, str], int]:
-    """(query id, doc id) -> grade from a BEIR qrels TSV (header optional) or a TREC qrels file."""
-    path = pathlib.Path(path)
+    """(query id, doc id) -> grade from a BEIR qrels TSV (header optional) or a TREC qrels file.
+
+    Unlike the training reader (data/sources.py), it takes TREC's 4 columns too and needs no corpus:
+    agreement only looks up the pairs a label file holds.
+    """
     out = {}
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in sources.read_lines(path):
         parts = line.split()
-        if not parts:
-            continue
         if len(parts) not in (3, 4):
-            raise LabelInputError(f"{path}:{line_no}: expected 'query-id corpus-id score' or TREC's 4 columns")
+            raise sources.DataError(path, line_no, None, "expected 'query-id corpus-id score' or TREC's "
+                                    f"'query-id iteration doc-id grade', got {len(parts)} fields")
         qid, did, grade = (parts[0], parts[1], parts[2]) if len(parts) == 3 else (parts[0], parts[2], parts[3])
         try:
             out[(qid, did)] = int(float(grade))
         except ValueError:
             if line_no == 1:
                 continue  # the header
-            raise LabelInputError(f"{path}:{line_no}: grade {grade!r} is not a number") from None
+            raise sources.DataError(path, line_no, "score", f"{grade!r} is not a number") from None
     return out
 
 
@@ -56,7 +59,7 @@ def cohen_kappa(a: np.ndarray, b: np.ndarray, labels: Sequence[int], weights: st
 
 def agreement(rows: Sequence[dict[str, Any]], qrels: dict[tuple[str, str], int]) -> dict[str, Any]:
     try:
-        from scipy import stats
+        from scipy import stats  # Kendall's tau-b
     except ImportError as e:
         raise UserError("--compare-qrels needs scipy (pip install 'bixse-jax[label]')") from e
     pairs = [(r, qrels[(str(r["query_id"]), str(r["doc_id"]))]) for r in rows
@@ -71,7 +74,7 @@ def agreement(rows: Sequence[dict[str, Any]], qrels: dict[tuple[str, str], int])
     confusion = [[int(np.sum((human == h) & (argmax == t))) for t in labels] for h in labels]
     return {
         "pairs": len(pairs), "queries": len({r["query_id"] for r, _ in pairs}),
-        "spearman": float(stats.spearmanr(expected, human).statistic),
+        "spearman": metrics.spearman(expected, human),
         "kendall_tau_b": float(stats.kendalltau(expected, human).statistic),
         "cohen_kappa": cohen_kappa(human, argmax, labels),
         "cohen_kappa_quadratic": cohen_kappa(human, argmax, labels, "quadratic"),
