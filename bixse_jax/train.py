@@ -132,7 +132,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         writer.write(0, {"init/log_temperature": fit["log_temperature"], "init/bias": fit["bias"]})
     total = config.train.num_steps if stop_after_step is None else min(stop_after_step, config.train.num_steps)
     first = int(jax.device_get(state.step))
-    before = {name: e.evaluate(model.params) for name, e in evaluators.items() if e.before_training}
+    before = {name: e.evaluate(model.params, logit_params(state)) for name, e in evaluators.items()
+              if e.before_training}
     if before:  # the pretrained model's scores (also on a resume), logged as step 0
         summary["before"] = before
         if first == 0:
@@ -173,7 +174,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                     flush(done)
                 due = {name: e for name, e in evaluators.items() if e.every_steps and done % e.every_steps == 0}
                 if due and done < total:
-                    writer.write(done, _eval_scalars({name: e.evaluate(state.params["encoder"])
+                    writer.write(done, _eval_scalars({name: e.evaluate(state.params["encoder"], logit_params(state))
                                                       for name, e in due.items()}))
                 every = config.train.checkpoint_every
                 if every and (done % every == 0 or done == total or preempted):
@@ -192,7 +193,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     final = jax.device_get({k: state.params[k] for k in ("log_temperature", "bias")})
     summary.update({k: float(v) for k, v in final.items()})  # the run's final t and b, for results tables
     if evaluators and summary["steps"] >= config.train.num_steps:
-        summary["after"] = {name: e.evaluate(state.params["encoder"]) for name, e in evaluators.items()}
+        summary["after"] = {name: e.evaluate(state.params["encoder"], logit_params(state))
+                            for name, e in evaluators.items()}
         writer.write(summary["steps"], _eval_scalars(summary["after"]))
     writer.close()
     if is_lead and summary["steps"] >= config.train.num_steps:
@@ -221,6 +223,12 @@ def _fit_logit_params(state: step_lib.TrainState, model: Any, config: ml_collect
     logging.info(message)
     print(message, file=sys.stderr, flush=True)
     return state.replace(params=params), fit
+
+
+def logit_params(state) -> tuple[float, float]:
+    """The run's current (t, b), for the evaluators' calibration metrics."""
+    t, b = jax.device_get((state.params["log_temperature"], state.params["bias"]))
+    return float(t), float(b)
 
 
 def _eval_scalars(results: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -445,6 +445,41 @@ def test_training_evaluators_by_kind_match_the_cli_functions(tiny_model_dir, tin
         evaluator("beir", spilt="test")
 
 
+def test_evaluators_of_judged_pairs_report_calibration_at_the_runs_t_and_b(tiny_model_dir, tiny_enc, beir_dir,
+                                                                           tmp_path):
+    """Given (t, b), rerank and sts evaluators add the ECE and Brier score of sigmoid(exp(t) cos + b)
+    against grade / top grade, worked here from the run's own scores; the ranking metrics stay."""
+    from bixse_jax import experiment
+    from bixse_jax.eval import calibration
+
+    config = _tiny_config(tiny_model_dir, beir_dir)
+    config.evals.held_out = evaluator("rerank", path=str(beir_dir), skip_missing_docs=True)
+    (tmp_path / "sts.csv").write_text("".join(f"g\tf\ty\t0\t{s}\t{a}\t{b}\n" for s, a, b in
+                                              [(0.5, "a cat sat", "a dog ran"), (4.0, "red fish", "red fish swim"),
+                                               (2.5, "the sun", "a star"), (5.0, "one two", "one two")]))
+    config.evals.sts = evaluator("sts", path=str(tmp_path / "sts.csv"))
+    model = experiment.load_model(config.model)
+    built = experiment.make_evaluators(config, model)
+    t, b = 1.5, -2.0
+    plain, got = built["held_out"].evaluate(model.params), built["held_out"].evaluate(model.params, (t, b))
+    assert "ece" not in plain and {k: got[k] for k in plain} == pytest.approx(plain)
+    queries, corpus, qrels = sources.read_beir_eval(beir_dir, "test", skip_missing_docs=True)
+    _, run = evaluate.evaluate_rerank(tiny_enc, queries, corpus, qrels, evaluate.judged_pool(qrels, corpus))
+    scores = np.array([s for q in run for s in run[q].values()])
+    targets = np.array([qrels[q][d] for q in run for d in run[q]]) / max(g for r in qrels.values() for g in r.values())
+    assert len(scores) > 4 and len(set(targets.tolist())) > 1
+    probs = 1 / (1 + np.exp(-(np.exp(t) * scores + b)))
+    assert got["ece"] == pytest.approx(calibration.expected_calibration_error(probs, targets), abs=1e-9)
+    assert got["brier"] == pytest.approx(np.mean((probs - targets) ** 2), abs=1e-9)
+    sts = built["sts"].evaluate(model.params, (t, b))
+    pairs = sources.read_sts(tmp_path / "sts.csv")
+    a, c = (np.asarray(tiny_enc.documents([getattr(p, side) for p in pairs]), np.float64) for side in ("query", "document"))
+    cos = np.sum(a * c, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(c, axis=1)  # both sides as documents
+    gold = np.array([p.grade for p in pairs])
+    assert sts["brier"] == pytest.approx(np.mean((1 / (1 + np.exp(-(np.exp(t) * cos + b))) - gold) ** 2), abs=1e-6)
+    assert sts["brier"] != built["sts"].evaluate(model.params, (t, b + 1.0))["brier"]
+
+
 def test_workdir_loads_the_latest_checkpoint(tiny_model_dir, beir_dir, tmp_path, capsys):
     import jax
 
@@ -506,7 +541,7 @@ def test_cross_validation_trains_on_other_folds_and_evaluates_the_held_out_one(t
     config.train.checkpoint_every = 0  # a sweep's run: metrics only, nothing saved
     summary, _ = train.train(config, tmp_path / "run", show_progress=False)
     assert "before" not in summary and set(summary["after"]) == {"held_out", "other"}
-    assert set(summary["after"]["held_out"]) == set(want)
+    assert set(summary["after"]["held_out"]) == set(want) | {"ece", "brier"}  # calibration at the run's t, b
     assert not list((tmp_path / "run").glob("checkpoints/*")) and not list((tmp_path / "run").glob("[0-9]*"))
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [(r["step"], sorted(k for k in r if k.startswith("eval/"))) for r in logged if "eval/held_out/ndcg@5" in r]

@@ -26,7 +26,7 @@ from bixse_jax.data.tokenizer import Tokenizer
 from bixse_jax import checkpoint
 from bixse_jax.data.sources import GradedPair
 from bixse_jax.errors import UserError
-from bixse_jax.eval import metrics
+from bixse_jax.eval import calibration, metrics
 from bixse_jax.eval.encode import encode_texts
 from bixse_jax.eval.search import top_k_run, top_k_search
 from bixse_jax.models.encoder import SentenceEncoder
@@ -35,6 +35,7 @@ from bixse_jax.models.sentence_model import load_encoder, max_length, position_l
 Qrels = metrics.Qrels
 Run = metrics.Run
 Candidates = dict[str, list[str]]  # query id -> candidate doc ids
+LogitParams = tuple[float, float]  # (t, b): the model's relevance probability is sigmoid(exp(t) cos + b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +75,23 @@ class TextEncoder:
 # ----------------------------------------------------------------------------
 
 
-def evaluate_sts(enc: TextEncoder, pairs: Sequence[GradedPair]) -> dict[str, float]:
-    """Spearman and Pearson of cosine(sentence 1, sentence 2) against the gold scores."""
+def evaluate_sts(enc: TextEncoder, pairs: Sequence[GradedPair],
+                 logit_params: LogitParams | None = None) -> dict[str, float]:
+    """Spearman and Pearson of cosine(sentence 1, sentence 2) against the gold scores; with the
+    model's (t, b), also the ECE and Brier score of its relevance probabilities against score / 5."""
     a = _unit(enc.documents([p.query for p in pairs]))
     b = _unit(enc.documents([p.document for p in pairs]))
     cos = np.sum(a * b, axis=1)
     gold = np.array([p.grade for p in pairs])
-    return {"spearman": metrics.spearman(cos, gold), "pearson": metrics.pearson(cos, gold)}
+    out = {"spearman": metrics.spearman(cos, gold), "pearson": metrics.pearson(cos, gold)}
+    return out | (calibration_metrics(cos, gold, logit_params) if logit_params else {})
+
+
+def calibration_metrics(scores: np.ndarray, targets: np.ndarray, logit_params: LogitParams) -> dict[str, float]:
+    """ECE (15 bins) and Brier score of p = sigmoid(exp(t) score + b) against targets in [0, 1]."""
+    t, b = logit_params
+    p = calibration.sigmoid(np.exp(t) * np.asarray(scores, np.float64) + b)
+    return {"ece": calibration.expected_calibration_error(p, targets), "brier": calibration.brier_score(p, targets)}
 
 
 def retrieve(enc: TextEncoder, queries: dict[str, str], corpus: dict[str, str], top_k: int) -> Run:
@@ -136,14 +147,22 @@ def rerank(enc: TextEncoder, queries: dict[str, str], corpus: dict[str, str], po
 
 
 def evaluate_rerank(enc: TextEncoder, queries: dict[str, str], corpus: dict[str, str], qrels: Qrels,
-                    pools: Candidates, *, ks: Sequence[int] = (10, 100)) -> tuple[dict[str, float], Run]:
+                    pools: Candidates, *, ks: Sequence[int] = (10, 100),
+                    logit_params: LogitParams | None = None) -> tuple[dict[str, float], Run]:
     """Re-ranking of each judged query's pool: (metrics, run), metrics against `qrels` as given.
 
     Queries without a pool score 0, and judged documents outside the pools count as not retrieved.
+    With the model's (t, b), also the ECE and Brier score of its relevance probabilities on the
+    pools' judged pairs, against grade / the qrels' top grade (TREC-DL's 0-3 as g/3).
     """
     run = rerank(enc, {q: queries[q] for q in qrels}, corpus, pools)
     out = metrics.evaluate_run(run, qrels, ks=tuple(ks))
     out["mean_pool_size"] = float(np.mean([len(s) for s in run.values()])) if run else 0.0
+    judged = [(score, qrels[q][d]) for q, scores in run.items() for d, score in scores.items() if d in qrels[q]]
+    if logit_params and judged:
+        top = max(g for grades in qrels.values() for g in grades.values()) or 1.0
+        scores, grades = np.array(judged, np.float64).T
+        out |= calibration_metrics(scores, grades / top, logit_params)
     return out, run
 
 

@@ -2,7 +2,9 @@
 
 A builder reads and validates its data once (so a bad path fails before training writes anything)
 and returns a function of the encoder's parameters that only encodes and scores, through the same
-functions as `bixse-jax eval` (bixse_jax.eval.evaluate). A new kind is a function decorated with
+functions as `bixse-jax eval` (bixse_jax.eval.evaluate). Given the run's current (t, b) as well, the
+evaluators of judged pairs (sts, rerank) also report the ECE and Brier score of its relevance
+probabilities sigmoid(exp(t) cos + b), so every run's calibration is recorded with its ranking. A new kind is a function decorated with
 `@register("KIND")` here, plus its name in default_config.EVAL_KINDS.
 
 Cross-validation: with `data.folds`, a beir / rerank evaluator of the training data's own folder
@@ -24,7 +26,7 @@ from bixse_jax.errors import ConfigError, UserError
 from bixse_jax.eval import evaluate, run_files
 from bixse_jax.models.sentence_model import SentenceModel
 
-Evaluator = Callable[[dict], dict[str, float]]
+Evaluator = Callable[..., dict[str, float]]  # (encoder params, logit_params=(t, b) or None) -> metrics
 Builder = Callable[[ml_collections.ConfigDict, SentenceModel, ml_collections.ConfigDict], Evaluator]
 
 BUILDERS: dict[str, Builder] = {}
@@ -88,7 +90,7 @@ def build_sts(entry, model, config) -> Evaluator:
         raise ConfigError("needs path=STS_FILE")
     pairs = sources.read_sts(entry.path)
     enc = text_encoder(entry, model, config)
-    return lambda params: evaluate.evaluate_sts(enc.with_params(params), pairs)
+    return lambda params, logit_params=None: evaluate.evaluate_sts(enc.with_params(params), pairs, logit_params)
 
 
 def _beir_data(entry, config):
@@ -122,8 +124,8 @@ def build_retrieval(entry, model, config) -> Evaluator:
     enc = text_encoder(entry, model, config)
     ks = tuple(entry.ks)
     top_k = max(entry.top_k, *ks)
-    return lambda params: evaluate.evaluate_retrieval(enc.with_params(params), queries, corpus, qrels,
-                                                      ks=ks, top_k=top_k)[0]
+    return lambda params, logit_params=None: evaluate.evaluate_retrieval(  # unjudged pairs: no calibration
+        enc.with_params(params), queries, corpus, qrels, ks=ks, top_k=top_k)[0]
 
 
 @register("rerank")
@@ -139,5 +141,5 @@ def build_rerank(entry, model, config) -> Evaluator:
         pools, _ = evaluate.run_pool(run_files.read_run(entry.run_file), corpus, depth=entry.top_k)
     enc = text_encoder(entry, model, config)
     ks = tuple(entry.ks)
-    return lambda params: evaluate.evaluate_rerank(enc.with_params(params), queries, corpus, qrels,
-                                                   pools, ks=ks)[0]
+    return lambda params, logit_params=None: evaluate.evaluate_rerank(
+        enc.with_params(params), queries, corpus, qrels, pools, ks=ks, logit_params=logit_params)[0]
