@@ -147,6 +147,8 @@ def test_trains_one_step_with_its_evaluators(path, arg, tiny_model_dir, tiny_dec
     config.model.name_or_path = str(tiny_decoder_dir if _is_decoder_config(config) else tiny_model_dir)
     config.data.query_max_len = config.data.doc_max_len = 16
     config.train.update({"global_batch_size": 8, "num_steps": 1, "warmup_steps": 0, "checkpoint_every": 0})
+    if config.train.grad_cache_chunk:  # still cached: 2 sub-batches, each over all 8 devices
+        config.train.update({"global_batch_size": 16, "grad_cache_chunk": 8})
     for entry in config.evals.values():
         entry.batch_size = 16
     names = {n for n, e in config.evals.items() if e.kind != "none"}

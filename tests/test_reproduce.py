@@ -232,7 +232,12 @@ def test_tiny_sweep_end_to_end_and_its_report(tiny_model_512, tmp_path):
     trec = [r["value"] for r in test if r["dataset"] == "trecdl" and r["variant"] == "BiXSE"]
     assert table["trecdl"]["BiXSE"]["mean"] == pytest.approx(np.mean(trec))
     md = report.markdown(results)
-    assert "| zero-shot |" in md and "| BiXSE |" in md and "| InfoNCE | n/a | n/a | n/a |" in md
+    assert "| zero-shot |" in md and "| BiXSE |" in md and "| InfoNCE |" + " not run |" * 5 in md
+    assert "| STS-B ECE | TREC-DL ECE |" in md  # the evaluators record calibration at each run's t, b
+    sts = next(r for r in test if r["dataset"] == "stsb" and r["variant"] == "BiXSE")
+    assert table["stsb"]["BiXSE"]["ece"]["mean"] == sts["metrics"]["ece"] and 0 <= sts["metrics"]["ece"] <= 1
+    logit = report.logit_params_markdown(results)
+    assert f"| BiXSE | {np.mean([r['log_temperature'] for r in test if r['dataset'] == 'trecdl' and r['variant'] == 'BiXSE']):.2f} (" in logit
     selection = report.selection_markdown(results)
     assert selection.count("| stsb (spearman) |") == 2 and selection.count("| scifact (ndcg@10) |") == 2
     folds = report.folds_markdown(results)

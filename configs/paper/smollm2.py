@@ -15,6 +15,7 @@ regime changes:
   t and b   `loss.init_logit_params=auto` for the BiXSE rows: fitted by logistic regression to the
             starting model's cosines on the first batches (bixse_jax/logit_init.py), not SigLIP's
             (log 10, -10), which suits thousands of negatives, not 127.
+  logging   every step, so the curves of t and b show whether they settled (metrics.jsonl, TensorBoard).
   rate      a placeholder; experiments/reproduce.py --paper smollm2 --per-loss-lr chooses each
             loss's own on dev data (STS-B dev; nested inside TREC-DL's folds).
 
@@ -22,7 +23,12 @@ regime changes:
 and the claim under test is about graded targets). For example:
 
   bixse-jax train --config configs/paper/smollm2.py:stsb --workdir runs/smollm2-stsb
+  bixse-jax train --config configs/paper/smollm2.py:trecdl --workdir runs/smollm2-trecdl-fold0 --config.data.fold=0
+  bixse-jax train --config configs/paper/smollm2.py:stsb_dev --workdir runs/select-smollm2-stsb \
+      --config.train.learning_rate=1e-5 --config.loss.name=infonce --config.loss.init_logit_params=fixed
   python experiments/reproduce.py --paper smollm2 --per-loss-lr --print-commands   # every run of the table
+
+(`loss.init_logit_params=auto` fits BiXSE's (t, b); the softmax and pairwise losses take `fixed`.)
 
 On a 2-core CPU one step of 128 STS-B pairs takes minutes (docs/results.md), so the table is a
 GPU / TPU job; `--config.train.num_steps` shortens a run for a look on a CPU.
@@ -62,4 +68,5 @@ def get_config(arg: str | None = None):
     c.train.warmup_steps = c.train.num_steps // 10
     c.train.learning_rate = 2e-5  # placeholder: the sweep selects each loss's rate on dev data
     c.loss.init_logit_params = "auto"
+    c.train.log_every = 1  # t and b (and the loss) at every step: watch them settle
     return c
