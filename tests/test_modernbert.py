@@ -19,6 +19,8 @@ from bixse_jax.models import architectures, hf_io
 from bixse_jax.models.encoder import SentenceEncoder
 from bixse_jax.models.modernbert import ModernBertConfig
 from bixse_jax.models.architectures import init_params
+from bixse_jax.data.batching import pad_batch
+from bixse_jax.label.jax_teacher import left_pad
 
 from conftest import skip_unless_ci
 
@@ -60,12 +62,9 @@ def _texts(seed=0):
 
 
 def _batch(texts, side):
-    t = max(len(x) for x in texts)
-    ids, mask = np.zeros((len(texts), t), np.int32), np.zeros((len(texts), t), np.int32)
-    for i, x in enumerate(texts):
-        where = slice(0, len(x)) if side == "right" else slice(t - len(x), t)
-        ids[i, where], mask[i, where] = x, 1
-    return ids, mask
+    """(ids, mask) padded with 0 to the longest text, by the package's own right / left padders."""
+    pad = pad_batch if side == "right" else left_pad
+    return pad(texts, max(len(x) for x in texts), 0)
 
 
 def _reference(model, texts):
