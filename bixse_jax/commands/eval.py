@@ -243,7 +243,7 @@ def _calibration(args: argparse.Namespace) -> None:
     scores = calibration.pair_scores(enc, pairs)
     methods, params = {}, {}
     if t is not None and b is not None:
-        methods["model"] = calibration.report(calibration.sigmoid(np.exp(t) * scores + b), targets)
+        methods["model"] = calibration.report(calibration.relevance_probability(scores, t, b), targets)
         params["model"] = {"log_temperature": t, "bias": b, "from": "flags" if args.log_temperature is not None
                            or args.bias is not None else "model"}
     if fit_pairs is not None:

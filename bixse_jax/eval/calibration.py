@@ -30,6 +30,11 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, np.float64)))  # no overflow
 
 
+def relevance_probability(scores: np.ndarray, log_temperature: float, bias: float) -> np.ndarray:
+    """The model's own probability of relevance, sigmoid(exp(t) cos + b), as BiXSE trains it."""
+    return sigmoid(np.exp(log_temperature) * np.asarray(scores, np.float64) + bias)
+
+
 def reliability(probs: np.ndarray, targets: np.ndarray, bins: int = BINS) -> list[dict]:
     """Per equal-width bin of p ([k/bins, (k+1)/bins), the last closed): count, mean p, mean target."""
     p, y = np.asarray(probs, np.float64), np.asarray(targets, np.float64)

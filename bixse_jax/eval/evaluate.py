@@ -89,8 +89,7 @@ def evaluate_sts(enc: TextEncoder, pairs: Sequence[GradedPair],
 
 def calibration_metrics(scores: np.ndarray, targets: np.ndarray, logit_params: LogitParams) -> dict[str, float]:
     """ECE (15 bins) and Brier score of p = sigmoid(exp(t) score + b) against targets in [0, 1]."""
-    t, b = logit_params
-    p = calibration.sigmoid(np.exp(t) * np.asarray(scores, np.float64) + b)
+    p = calibration.relevance_probability(scores, *logit_params)
     return {"ece": calibration.expected_calibration_error(p, targets), "brier": calibration.brier_score(p, targets)}
 
 
