@@ -157,11 +157,12 @@ def evaluate_rerank(enc: TextEncoder, queries: dict[str, str], corpus: dict[str,
     run = rerank(enc, {q: queries[q] for q in qrels}, corpus, pools)
     out = metrics.evaluate_run(run, qrels, ks=tuple(ks))
     out["mean_pool_size"] = float(np.mean([len(s) for s in run.values()])) if run else 0.0
-    judged = [(score, qrels[q][d]) for q, scores in run.items() for d, score in scores.items() if d in qrels[q]]
-    if logit_params and judged:
-        top = max(g for grades in qrels.values() for g in grades.values()) or 1.0
-        scores, grades = np.array(judged, np.float64).T
-        out |= calibration_metrics(scores, grades / top, logit_params)
+    if logit_params:  # only then: the judged pairs are gathered for calibration alone
+        judged = [(score, qrels[q][d]) for q, scores in run.items() for d, score in scores.items() if d in qrels[q]]
+        if judged:
+            top = max(g for grades in qrels.values() for g in grades.values()) or 1.0
+            scores, grades = np.array(judged, np.float64).T
+            out |= calibration_metrics(scores, grades / top, logit_params)
     return out, run
 
 
