@@ -44,6 +44,9 @@ setup(
         "label": ["jinja2>=3.1", "scipy>=1.11", "matplotlib>=3.8"],
         # torch is pinned: 2.13.0 is the CPU build these machines carry; an unpinned torch pulls
         # a multi-GB CUDA build. It and sentence-transformers serve the interoperability tests.
+        # benchmarks/cpu_vs_peer.py and encode_cpu.py run torch + transformers beside bixse-jax (the peer);
+        # never part of the main install.
+        "bench": ["torch==2.13.0", "transformers>=4.40", "sentence-transformers>=6,<7"],
         "test": ["pytest>=8", "pytest-xdist>=3.8",  # the suite runs on 2 workers (README test command)
                  "scipy>=1.11", "ir-measures>=0.3", "torch==2.13.0", "sentence-transformers>=6,<7",
                  "matplotlib>=3.8",  # matplotlib: the reproduction's plot (experiments/make_results.py)

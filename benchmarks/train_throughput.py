@@ -81,6 +81,7 @@ class Setting:
     model: str
     batch: int
     dtype: str = "bfloat16"
+    matmul_dtype: str | None = None  # model.matmul_dtype: bfloat16 over float32 dtype is the CPU fast path
     attention: str = "default"  # default (einsum on a CPU, else jax's choice) | xla | cudnn | einsum
     remat: str = "none"
     chunk: int = 0  # gradient-caching sub-batch; 0 = off
@@ -145,12 +146,14 @@ def run_setting(s: Setting) -> dict[str, Any]:
     config.mesh.fsdp = s.fsdp
     attention = None if s.attention == "default" else s.attention
     if s.model in DECODERS:  # no dropout in decoders; last-token pooling
-        enc_config = DecoderConfig(**DECODERS[s.model], dtype=s.dtype, remat=s.remat, attention_impl=attention)
+        enc_config = DecoderConfig(**DECODERS[s.model], dtype=s.dtype, matmul_dtype=s.matmul_dtype, remat=s.remat,
+                                   attention_impl=attention)
         encoder = SentenceEncoder(enc_config, pooling="last")
         use_dropout = False
     else:
         enc_config = EncoderConfig(**MODELS[s.model], vocab_size=30522, max_position_embeddings=512,
-                                   hidden_dropout_prob=s.dropout, dtype=s.dtype, remat=s.remat,
+                                   hidden_dropout_prob=s.dropout, dtype=s.dtype, matmul_dtype=s.matmul_dtype,
+                                   remat=s.remat,
                                    attention_impl=attention)
         encoder = SentenceEncoder(enc_config)
         use_dropout = s.dropout > 0
@@ -362,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"comma list of {sorted(MODELS)} or decoders {sorted(DECODERS)}")
     p.add_argument("--batches", type=_ints, default=[256, 1024], help="comma list of global batch sizes (pairs)")
     p.add_argument("--dtype", type=_strs, default=["bfloat16"], help="compute dtypes (params stay float32)")
+    p.add_argument("--matmul-dtype", type=_strs, default=["none"],
+                   help="matmul input dtypes: none (= --dtype) | bfloat16 (over --dtype float32: the CPU fast path)")
     p.add_argument("--attention", type=_strs, default=["default"], help="default | xla | cudnn | einsum")
     p.add_argument("--remat", type=_strs, default=["none"], help="none | full | dots")
     p.add_argument("--chunk", type=_ints, default=[0], help="gradient-caching sub-batch sizes; 0 = off")
@@ -399,12 +404,13 @@ def main(argv: list[str] | None = None) -> None:
         settings = [Setting("tiny", 32, dtype="float32", query_len=8, doc_len=32, chunk=c, steps=3, repeats=2,
                             warmup=1, peak_tflops=args.peak_tflops) for c in (0, 8)]
     else:
-        settings = [Setting(m, b, dtype=dt, attention=a, remat=r, chunk=c, query_len=args.query_len,
+        settings = [Setting(m, b, dtype=dt, matmul_dtype=None if mm == "none" else mm, attention=a, remat=r, chunk=c, query_len=args.query_len,
                             doc_len=args.doc_len, dropout=args.dropout, steps=args.steps, repeats=args.repeats,
                             warmup=args.warmup, prng=args.prng, compile_only=args.compile_only, fsdp=args.fsdp,
                             peak_tflops=args.peak_tflops)
-                    for m, b, dt, a, r, c in itertools.product(args.models, args.batches, args.dtype, args.attention,
-                                                               args.remat, args.chunk)]
+                    for m, b, dt, mm, a, r, c in itertools.product(args.models, args.batches, args.dtype,
+                                                                   args.matmul_dtype, args.attention, args.remat,
+                                                                   args.chunk)]
     isolate = args.isolate if args.isolate is not None else (len(settings) > 1 and not args.quick)
     runner = Runner(isolate, args.deadline_s, args.out, args.attention_fallback or None)
     for s in settings:

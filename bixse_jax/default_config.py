@@ -27,7 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.normalize = ml_collections.FieldReference(None, field_type=bool)  # None: from the folder
     c.model.query_prefix = ""  # instruction prepended to every query (a pair's own wins)
     c.model.dtype = "float32"  # compute dtype; params stay float32
-    c.model.matmul_dtype = ml_collections.FieldReference(None, field_type=str)  # None: dtype; or bfloat16
+    # auto: bfloat16 inputs, float32 accumulation on a CPU with native bfloat16 (models/compute_policy.py),
+    # else the compute dtype; None / float32 / bfloat16 to choose.
+    c.model.matmul_dtype = ml_collections.FieldReference("auto", field_type=str)
     c.model.remat = "none"  # none | full | dots
     c.model.bidirectional = False  # decoders (llama, qwen2, qwen3): attention without the causal mask
     c.model.append_eos = False  # decoders: put eos after every text (last-token pooling, no eos added)

@@ -6,13 +6,16 @@ nothing, so `train` can call it before touching the workdir.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 import ml_collections
+from absl import logging
 
 from bixse_jax.data import sources
 from bixse_jax.data.batching import PairBatcher
 from bixse_jax.errors import ConfigError, UserError
+from bixse_jax.models import compute_policy
 from bixse_jax.models.sentence_model import SentenceModel, load_encoder, position_limit
 
 if TYPE_CHECKING:
@@ -25,7 +28,10 @@ def load_model(cfg: ml_collections.ConfigDict) -> SentenceModel:
     Goes through the same loader as `bixse-jax eval` and the public API, so a bixse-jax export
     (its bixse.json pooling and prompt) fine-tunes like any HF / sentence-transformers folder.
     """
-    overrides = {"dtype": cfg.dtype, "matmul_dtype": cfg.matmul_dtype, "remat": cfg.remat,
+    matmul_dtype, why = compute_policy.resolve_matmul_dtype(cfg.matmul_dtype, cfg.dtype, training=True)
+    logging.info(why)
+    print(f"[bixse-jax] {why}", file=sys.stderr, flush=True)
+    overrides = {"dtype": cfg.dtype, "matmul_dtype": matmul_dtype, "remat": cfg.remat,
                  "attention_impl": cfg.attention_impl}
     if cfg.dropout is not None:
         overrides["hidden_dropout_prob"] = float(cfg.dropout)

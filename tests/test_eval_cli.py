@@ -18,6 +18,7 @@ from bixse_jax.commands import mine as mine_cmd
 from bixse_jax.data import sources
 from bixse_jax.default_config import base_config, evaluator
 from bixse_jax.eval import evaluate, metrics, run_files
+from bixse_jax.models import compute_policy
 
 WORDS = ["protein", "cell", "gene", "virus", "brain", "heart", "drug", "trial", "mouse", "cancer",
          "blood", "liver", "sleep", "diet", "exercise", "memory"]
@@ -78,23 +79,28 @@ def test_encode_txt_and_jsonl_match_the_encoder(tiny_model_dir, tiny_enc, tmp_pa
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
     _write_jsonl(tmp_path / "in.jsonl", [{"title": "Heart", "text": "blood flow"}, {"text": "no title"}])
     info = _run_cli(encode_cmd, ["--model", str(tiny_model_dir), "--input", str(tmp_path / "in.txt"),
-                                 "--out", str(tmp_path / "docs.npy"), "--max-len", "32"], capsys)
+                                 "--out", str(tmp_path / "docs.npy"), "--max-len", "32", "--matmul-dtype", "float32"], capsys)
     docs = np.load(tmp_path / "docs.npy")
     assert info["shape"] == [3, 32] and docs.dtype == np.float32
     np.testing.assert_allclose(docs, tiny_enc.documents(texts), atol=1e-6)
     _run_cli(encode_cmd, ["--model", str(tiny_model_dir), "--input", str(tmp_path / "in.txt"), "--query",
-                          "--query-prefix", "query: ", "--out", str(tmp_path / "q.npy"), "--max-len", "32"], capsys)
+                          "--query-prefix", "query: ", "--out", str(tmp_path / "q.npy"), "--max-len", "32", "--matmul-dtype", "float32"], capsys)
     queries = np.load(tmp_path / "q.npy")
     np.testing.assert_allclose(queries, tiny_enc.queries(texts), atol=1e-6)
     assert not np.allclose(queries, docs, atol=1e-3)  # the prefix changed the embeddings
     _run_cli(encode_cmd, ["--model", str(tiny_model_dir), "--input", str(tmp_path / "in.jsonl"),
-                          "--out", str(tmp_path / "j.npy"), "--max-len", "32"], capsys)
+                          "--out", str(tmp_path / "j.npy"), "--max-len", "32", "--matmul-dtype", "float32"], capsys)
     np.testing.assert_allclose(np.load(tmp_path / "j.npy"), tiny_enc.documents(["Heart blood flow", "no title"]),
                                atol=1e-6)
     _run_cli(encode_cmd, ["--model", str(tiny_model_dir), "--input", str(tmp_path / "in.txt"), "--max-len", "32",
                           "--matmul-dtype", "bfloat16", "--out", str(tmp_path / "bf.npy")], capsys)
     rounded = np.load(tmp_path / "bf.npy")
     assert rounded.dtype == np.float32 and 1e-6 < np.abs(rounded - docs).max() < 3e-2
+    # The default, --matmul-dtype auto: bfloat16 on a CPU with native bfloat16, float32 elsewhere.
+    _run_cli(encode_cmd, ["--model", str(tiny_model_dir), "--input", str(tmp_path / "in.txt"), "--max-len", "32",
+                          "--out", str(tmp_path / "auto.npy")], capsys)
+    expected = rounded if compute_policy.cpu_bf16_flags() else docs
+    np.testing.assert_array_equal(np.load(tmp_path / "auto.npy"), expected)
 
 
 def test_pooling_and_normalize_flags_override_the_models_own(tiny_model_dir, tmp_path, capsys):

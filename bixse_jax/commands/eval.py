@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 import time
 
 from bixse_jax import errors
@@ -52,15 +53,25 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                              "adds none; a model folder, not a workdir, which keeps its training setting)")
     parser.add_argument("--batch-size", type=int, default=128, help="texts per encoder call, over all devices")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
-    parser.add_argument("--matmul-dtype", default=None, choices=("float32", "bfloat16"),
-                        help="dense matmul inputs (default: --dtype); bfloat16 with float32 --dtype keeps float32 "
-                             "accumulation and activations (1.7x faster on a CPU with AMX: docs/benchmarks.md)")
+    parser.add_argument("--matmul-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="dense and attention matmul inputs: bfloat16 with float32 --dtype keeps float32 "
+                             "accumulation and activations (1.7x faster on a CPU with AMX: docs/benchmarks.md); "
+                             "auto (default): bfloat16 on a CPU with native bfloat16, else --dtype")
     parser.add_argument("--dense-impl", default="auto", choices=("auto", "xla", "mkl"),
                         help="float32 dense matmuls on a CPU: mkl (Intel MKL, pip install 'bixse-jax[mkl]'; "
                              "1.4x faster on an Intel Xeon: docs/benchmarks.md) or xla; auto: whichever a short "
                              "measurement on this host finds faster (cached per host), xla where MKL cannot run")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: newest)")
     errors.add_verbose_flag(parser)
+
+
+def resolve_matmul_dtype(args: argparse.Namespace) -> str | None:
+    """--matmul-dtype resolved (auto: models/compute_policy.py), said on stderr. Call after the device split."""
+    from bixse_jax.models import compute_policy
+    matmul_dtype, why = compute_policy.resolve_matmul_dtype(args.matmul_dtype, args.dtype, training=False)
+    if args.matmul_dtype == "auto":
+        print(f"[bixse-jax] {why}", file=sys.stderr, flush=True)
+    return matmul_dtype
 
 
 def dense_impl(choice: str, dtype: str, matmul_dtype: str | None) -> str:
@@ -89,10 +100,11 @@ def load_encoder(args: argparse.Namespace):
     from bixse_jax import parallel
     from bixse_jax.eval.evaluate import load_text_encoder
     parallel.one_cpu_device_per_core()  # on a CPU: every core encodes (JAX_NUM_CPU_DEVICES=1 to opt out)
-    dense = dense_impl(args.dense_impl, args.dtype, args.matmul_dtype)  # may measure: after the device split
+    matmul_dtype = resolve_matmul_dtype(args)
+    dense = dense_impl(args.dense_impl, args.dtype, matmul_dtype)  # may measure: after the device split
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    return load_text_encoder(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype, dense_impl=dense,
+    return load_text_encoder(args.model, dtype=args.dtype, matmul_dtype=matmul_dtype, dense_impl=dense,
                              batch_size=args.batch_size, max_len=args.max_len,
                              query_max_len=args.query_max_len, query_prefix=args.query_prefix,
                              pooling=args.pooling, normalize=args.normalize, append_eos=args.append_eos,

@@ -48,6 +48,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                         "input order (the in-process teacher sorts each chunk by prompt length)")
     local = parser.add_argument_group("in-process teacher")
     local.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    local.add_argument("--matmul-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                       help="matmul inputs; auto: bfloat16 (float32 accumulation) on a CPU with native bfloat16")
     local.add_argument("--dense-impl", default="xla", choices=("auto", "xla", "mkl"),
                        help="dense layers' matmul on a CPU (see `bixse-jax eval --help`)")
     local.add_argument("--max-len", type=int, default=None, help="most prompt tokens (default: the model's limit)")
@@ -82,11 +84,13 @@ def _teacher(args: argparse.Namespace, grades: list[int]):
                            api_key_env=args.api_key_env, top_logprobs=args.top_logprobs,
                            batch_size=args.batch_size, name=args.teacher_name)
     from bixse_jax import parallel
-    from bixse_jax.commands.eval import dense_impl
+    from bixse_jax.commands.eval import dense_impl, resolve_matmul_dtype
     from bixse_jax.label.jax_teacher import JaxTeacher
     parallel.one_cpu_device_per_core()  # on a CPU: every core runs part of each batch
+    matmul_dtype = resolve_matmul_dtype(args)
     return JaxTeacher(args.teacher, grades=grades, template=template, use_chat_template=not args.no_chat_template,
-                      dtype=args.dtype, dense_impl=dense_impl(args.dense_impl, args.dtype, None),
+                      dtype=args.dtype, matmul_dtype=matmul_dtype,
+                      dense_impl=dense_impl(args.dense_impl, args.dtype, matmul_dtype),
                       batch_size=args.batch_size or 16, max_len=args.max_len, max_doc_tokens=args.max_doc_tokens,
                       mesh=parallel.make_mesh(fsdp=args.fsdp), name=args.teacher_name)
 

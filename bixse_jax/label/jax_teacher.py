@@ -27,7 +27,7 @@ from bixse_jax.data.tokenizer import Tokenizer
 from bixse_jax.errors import UserError
 from bixse_jax.label import prompts
 from bixse_jax.label.grades import Outcome, grade_token_ids
-from bixse_jax.models import architectures, hf_io
+from bixse_jax.models import architectures, bert, hf_io
 
 # Padded prompt lengths: prompts are long, so finer steps than the encoders' buckets.
 PROMPT_BUCKETS = (64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1536, 2048, 3072, 4096, 8192)
@@ -58,12 +58,14 @@ class JaxTeacher:
     """Grades (query, document) rows with a decoder loaded from `model_path` (HF folder or .gguf)."""
 
     def __init__(self, model_path: str | os.PathLike, *, grades: Sequence[int], template: str,
-                 use_chat_template: bool = True, dtype: str = "float32", dense_impl: str = "xla",
+                 use_chat_template: bool = True, dtype: str = "float32", matmul_dtype: str | None = None,
+                 dense_impl: str = "xla",
                  batch_size: int = 16, max_len: int | None = None, max_doc_tokens: int = 384,
                  mesh: Mesh | None = None, name: str | None = None):
         if jax.process_count() > 1:  # every process would read all rows and write the same file
             raise UserError("the in-process teacher runs on one host; give each host its own --input and --out")
-        config, params, model_dir = hf_io.load_pretrained(model_path, dtype=dtype, dense_impl=dense_impl)
+        config, params, model_dir = hf_io.load_pretrained(model_path, dtype=dtype, matmul_dtype=matmul_dtype,
+                                                          dense_impl=dense_impl)
         if not architectures.is_decoder(config):
             raise UserError(f"{model_path}: the teacher must be a decoder LLM (llama, qwen2, qwen3), "
                             f"got {config.model_type}")
@@ -97,11 +99,12 @@ class JaxTeacher:
 
     def _build_forward(self, param_shardings, head_sharding):
         module = architectures.module(self.config)
+        einsum = bert.attention_einsum(self.config)  # the LM head multiplies like the layers
         grade_ids = jnp.asarray(self.grade_ids)
 
         def forward(params, head, ids, mask):
             hidden = module.apply({"params": params}, ids, mask)[:, -1]  # left padding: the answer position
-            logits = jnp.einsum("bh,vh->bv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+            logits = einsum("bh,vh->bv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
             log_z = jax.nn.logsumexp(logits, axis=-1)
             grade_logits = logits[:, grade_ids]
             return grade_logits, jax.nn.logsumexp(grade_logits, axis=-1) - log_z

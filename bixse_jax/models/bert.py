@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from bixse_jax.errors import ConfigError, UserError
-from bixse_jax.models import cpu_blas
+from bixse_jax.models import bf16_matmul, cpu_blas
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 
@@ -129,11 +129,25 @@ def check_compute_settings(cfg: Any) -> None:
         raise ConfigError(f"remat {cfg.remat!r} is not one of {sorted(REMAT_POLICIES)}")
 
 
+def bf16_fast_path(cfg: Any) -> bool:
+    """Whether cfg's matmuls take bf16_matmul's path: bfloat16 inputs into float32 in the forward and
+    the backward pass, on a CPU (matmul_dtype bfloat16 over float32 compute, XLA's dense layers)."""
+    return (cfg.matmul_dtype == "bfloat16" and cfg.dtype == "float32" and cfg.dense_impl == "xla"
+            and jax.default_backend() == "cpu")
+
+
+def attention_einsum(cfg: Any):
+    """The einsum attention multiplies with: bf16_matmul's on the CPU fast path, else jnp's."""
+    return bf16_matmul.matmul_fns(bf16_fast_path(cfg))[0]
+
+
 def dense_dtype_and_dot(cfg: Any) -> tuple[str, Any]:
     """(dtype, dot_general) of a dense layer under cfg's dtype, matmul_dtype and dense_impl."""
     dtype, dot = cfg.dtype, jax.lax.dot_general
     if cfg.dense_impl == "mkl" and jax.default_backend() == "cpu":  # float32, as the config checks
         dot = cpu_blas.dot_general
+    elif bf16_fast_path(cfg):  # float32 in and out of the layer; bfloat16 inside each product
+        dot = bf16_matmul.dot_general
     elif cfg.matmul_dtype not in (None, cfg.dtype):
         # Inputs (and bias) in matmul_dtype; the product comes out, accumulated, in the compute dtype.
         dtype = cfg.matmul_dtype
@@ -172,24 +186,25 @@ class Embeddings(nn.Module):
         return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=self.deterministic)
 
 
-def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, attention_mask: jax.Array) -> jax.Array:
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, attention_mask: jax.Array,
+                     einsum=jnp.einsum) -> jax.Array:
     """Softmax attention over [B, T, heads, head_dim] inputs, laid out for XLA's CPU backend.
 
     Against jax.nn.dot_product_attention's XLA path (measured on a 2-core CPU, MiniLM, 64 x 256
     tokens: docs/benchmarks.md), it works in [B, heads, T, head_dim] order, adds the mask as a bias
     inside the exponent's fusion instead of a separate select, and normalises after the product
     with the values, so the [B, heads, T, T] weights are read once less. The exponent and its sum
-    are float32 whatever the compute dtype.
+    are float32 whatever the compute dtype. `einsum`: jnp.einsum, or bf16_matmul.einsum (the CPU fast path).
     """
     to_heads_first = lambda t: t.transpose(0, 2, 1, 3)
     scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("bhqd,bhkd->bhqk", to_heads_first(q * jnp.asarray(scale, q.dtype)), to_heads_first(k),
+    scores = einsum("bhqd,bhkd->bhqk", to_heads_first(q * jnp.asarray(scale, q.dtype)), to_heads_first(k),
                         preferred_element_type=jnp.float32)
     # Finite, so a row with every key masked gets uniform weights rather than NaN.
     masked = jnp.float32(jnp.finfo(jnp.float32).min / 2)
     scores = scores + jnp.where(attention_mask[:, None, None, :].astype(bool), 0.0, masked)
     weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
-    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), to_heads_first(v),
+    out = einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), to_heads_first(v),
                      preferred_element_type=jnp.float32)
     out = out / weights.sum(axis=-1, keepdims=True)
     return to_heads_first(out.astype(v.dtype))
@@ -208,7 +223,7 @@ class SelfAttention(nn.Module):
         if impl is None and jax.default_backend() == "cpu":
             impl = "einsum"
         if impl == "einsum":
-            out = einsum_attention(q, k, v, attention_mask)
+            out = einsum_attention(q, k, v, attention_mask, attention_einsum(cfg))
         elif impl == "cudnn":  # cuDNN takes right padding as lengths, not a [B,1,1,T] mask
             lengths = attention_mask.sum(-1).astype(jnp.int32)
             out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn",

@@ -33,12 +33,15 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import jaxlib.version
+import numpy as np
 
 from bixse_jax import parallel
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_blas_ffi.cc")
 TARGET = "bixse_mkl_sgemm"
+TARGET_BF16 = "bixse_mkl_gemm_bf16"
 _SGEMM = "cblas_sgemm_64"  # ILP64: 64-bit sizes, as the handler passes them
+_GEMM_BF16 = "cblas_gemm_bf16bf16f32_64"
 _MKL: ctypes.CDLL | None = None  # set by _setup
 
 
@@ -96,11 +99,17 @@ def _setup() -> str | None:
     compiler = find_compiler()
     if compiler is None:
         return "no C++ compiler (c++, g++ or clang++; or set CXX) to build the MKL matmul handler"
+    # Before MKL loads: its threads are read from the environment then; MKL_Set_Num_Threads later
+    # did not reach the calls XLA's worker threads make (the step ran as with 2 threads).
+    threads = _mkl_threads()
+    if threads is not None:
+        os.environ["MKL_NUM_THREADS"] = str(threads)
     try:
         mkl = ctypes.CDLL(str(mkl_path), mode=ctypes.RTLD_GLOBAL)
         sgemm = ctypes.cast(getattr(mkl, _SGEMM), ctypes.c_void_p)
+        gemm_bf16 = ctypes.cast(getattr(mkl, _GEMM_BF16), ctypes.c_void_p)
     except (OSError, AttributeError) as e:
-        return f"{mkl_path}: cannot load {_SGEMM}: {e}"
+        return f"{mkl_path}: cannot load {_SGEMM} and {_GEMM_BF16}: {e}"
     try:
         handler = ctypes.CDLL(str(_build(compiler)))
     except (OSError, RuntimeError) as e:
@@ -109,18 +118,34 @@ def _setup() -> str | None:
     _MKL = mkl
     handler.bixse_set_sgemm.argtypes = [ctypes.c_void_p]
     handler.bixse_set_sgemm(sgemm)
+    handler.bixse_set_gemm_bf16.argtypes = [ctypes.c_void_p]
+    handler.bixse_set_gemm_bf16(gemm_bf16)
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler.BixseSgemm), platform="cpu")
+    jax.ffi.register_ffi_target(TARGET_BF16, jax.ffi.pycapsule(handler.BixseGemmBf16), platform="cpu")
     return None
 
 
 def _threads_per_device() -> None:
-    """MKL threads per call: the cores over the CPU devices, since every device calls at once.
+    """MKL threads per call: half the cores of each CPU device, since every device calls at once and
+    XLA's CPU runtime runs a program's independent ops two at a time.
 
     With one device per core (the encode commands' setting) that is 1; MKL's default, every core
-    per call, would put two threads on each core. MKL_NUM_THREADS, when set, wins."""
-    if os.environ.get("MKL_NUM_THREADS") or _MKL is None:
-        return
-    _MKL.MKL_Set_Num_Threads(max(1, parallel.cpu_cores() // max(1, len(jax.devices("cpu")))))
+    per call, would put two threads on each core. One device on 2 cores also gets 1: the SmolLM2
+    train step of docs/benchmarks.md took 7.7 s with it and 8.3 s with 2. MKL_NUM_THREADS, when
+    set, wins."""
+    threads = _mkl_threads()
+    if threads is not None and _MKL is not None:
+        _MKL.MKL_Set_Num_Threads(threads)
+
+
+_USER_MKL_THREADS = os.environ.get("MKL_NUM_THREADS")  # as the process started: the user's, which wins
+
+
+def _mkl_threads() -> int | None:
+    """None when the user set MKL_NUM_THREADS, else half the cores of each CPU device."""
+    if _USER_MKL_THREADS:
+        return None
+    return max(1, parallel.cpu_cores() // max(1, len(jax.devices("cpu"))) // 2)
 
 
 def unavailable_reason() -> str | None:
@@ -154,6 +179,23 @@ def _matmul_bwd(res, g):
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def gemm_bf16(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+    """op(a) @ op(b) for 2-D bfloat16 a and b, accumulated and returned in float32, by MKL (CPU only).
+
+    Either operand may be transposed at no cost, which XLA's fast bfloat16 dot cannot do: its
+    weight gradient x^T @ g falls back to a float32 dot at a quarter of the rate. No VJP: the
+    callers (models/bf16_matmul.py) use it inside their own backward pass."""
+    if a.ndim != 2 or b.ndim != 2 or a.dtype != jnp.bfloat16 or b.dtype != jnp.bfloat16:
+        raise ValueError(f"gemm_bf16 takes 2-D bfloat16 operands; got {a.dtype}{a.shape} and {b.dtype}{b.shape}")
+    m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    kb, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
+    if k != kb:
+        raise ValueError(f"gemm_bf16: op(a) {(m, k)} and op(b) {(kb, n)} do not contract")
+    ready()
+    out = jax.ShapeDtypeStruct((m, n), jnp.float32)
+    return jax.ffi.ffi_call(TARGET_BF16, out)(a, b, trans_a=np.int64(trans_a), trans_b=np.int64(trans_b))
 
 
 def ready() -> None:

@@ -27,7 +27,8 @@ from flax import linen as nn
 
 from bixse_jax.errors import ConfigError
 from bixse_jax.models import rope
-from bixse_jax.models.bert import _ACTIVATIONS, REMAT_POLICIES, check_compute_settings, dense_dtype_and_dot
+from bixse_jax.models.bert import (_ACTIVATIONS, REMAT_POLICIES, attention_einsum, check_compute_settings,
+                                   dense_dtype_and_dot)
 
 DECODER_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DECODER_ATTENTION_IMPLS = (None, "xla", "einsum")  # cuDNN's lengths cannot say "left padding"
@@ -181,7 +182,7 @@ class RMSNorm(nn.Module):
         return weight.astype(self.dtype) * normed.astype(self.dtype)
 
 
-def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, einsum=jnp.einsum) -> jax.Array:
     """q [B, T, H, D], k/v [B, S, K, D] (H a multiple of K), boolean mask [B, T, S] -> [B, T, H, D].
 
     As bert.einsum_attention: float32 exponent and sums, the mask added as a finite bias (a row
@@ -190,22 +191,23 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     masked = jnp.float32(jnp.finfo(jnp.float32).min / 2)
     scores = scores + jnp.where(mask[:, None, None], 0.0, masked)
     weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
-    out = jnp.einsum("bkgts,bskd->bkgtd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = einsum("bkgts,bskd->bkgtd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
     out = out / weights.sum(axis=-1, keepdims=True)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(v.dtype)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str | None) -> jax.Array:
-    """Attention by the configured implementation: `gqa_attention` ("einsum", the default on a CPU)
-    or jax.nn.dot_product_attention (None: XLA's choice elsewhere; "xla", "cudnn")."""
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str | None,
+           einsum=jnp.einsum) -> jax.Array:
+    """Attention by the configured implementation: `gqa_attention` ("einsum", the default on a CPU,
+    multiplying with `einsum`) or jax.nn.dot_product_attention (None: XLA's choice elsewhere; "xla", "cudnn")."""
     if impl is None and jax.default_backend() == "cpu":
         impl = "einsum"
     if impl == "einsum":
-        return gqa_attention(q, k, v, mask)
+        return gqa_attention(q, k, v, mask, einsum)
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
 
 
@@ -223,7 +225,7 @@ class Attention(nn.Module):
             q = RMSNorm(cfg.rms_norm_eps, cfg.dtype, "head_dim", name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, cfg.dtype, "head_dim", name="k_norm")(k)
         q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
-        out = attend(q, k, v, mask, cfg.attention_impl).reshape(x.shape[:2] + (heads * d,))
+        out = attend(q, k, v, mask, cfg.attention_impl, attention_einsum(cfg)).reshape(x.shape[:2] + (heads * d,))
         return _dense(cfg, cfg.hidden_size, ("heads", "embed"), cfg.o_bias, "o_proj")(out)
 
 

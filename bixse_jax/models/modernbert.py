@@ -28,7 +28,8 @@ from flax import linen as nn
 
 from bixse_jax.errors import ConfigError
 from bixse_jax.models import rope
-from bixse_jax.models.bert import _ACTIVATIONS, REMAT_POLICIES, check_compute_settings, dense_dtype_and_dot
+from bixse_jax.models.bert import (_ACTIVATIONS, REMAT_POLICIES, attention_einsum, check_compute_settings,
+                                   dense_dtype_and_dot)
 from bixse_jax.models.decoder import attend
 
 MODERNBERT_MODEL_TYPES = ("modernbert",)
@@ -184,7 +185,7 @@ class Attention(nn.Module):
         qkv = _dense(cfg, 3 * heads * d, ("embed", "heads"), cfg.attention_bias, "Wqkv")(x)
         q, k, v = (qkv.reshape(x.shape[:2] + (3, heads, d))[:, :, i] for i in range(3))
         q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
-        out = attend(q, k, v, mask, cfg.attention_impl).reshape(x.shape[:2] + (heads * d,))
+        out = attend(q, k, v, mask, cfg.attention_impl, attention_einsum(cfg)).reshape(x.shape[:2] + (heads * d,))
         return _dense(cfg, cfg.hidden_size, ("heads", "embed"), cfg.attention_bias, "Wo")(out)
 
 
