@@ -28,7 +28,7 @@ STAGES = [
     ("eval and inference", ("bixse_jax.eval.", "bixse_jax.inference")),
     ("label", ("bixse_jax.label.",)),
     ("experiment", ("bixse_jax.experiment",)),
-    ("train", ("bixse_jax.train",)),
+    ("train", ("bixse_jax.train", "bixse_jax.run_report")),
     ("export", ("bixse_jax.export",)),
     ("commands", ("bixse_jax.commands.", "bixse_jax.cli")),
 ]
