@@ -28,6 +28,7 @@ setup(
         "tokenizers>=0.19",
         "tensorboardX>=2.6",
         "tqdm",
+        "huggingface_hub>=0.20",  # every export's README.md is its ModelCard (tokenizers needs it anyway)
         # ArrayRecord data sets built without TensorFlow, read with grain (`data.kind=arrayrecord`).
         "tensorflow-datasets>=4.9.9",
         "array_record>=0.8",
