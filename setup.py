@@ -43,6 +43,8 @@ setup(
         "gguf": ["gguf>=0.10"],
         # `bixse-jax label`: chat templates (jinja2), agreement figures (scipy) and their plot (matplotlib).
         "label": ["jinja2>=3.1", "scipy>=1.11", "matplotlib>=3.8"],
+        # benchmarks/ against sentence-transformers (encode_cpu.py; mine_vs_st.py also needs datasets).
+        "bench": ["torch==2.13.0", "sentence-transformers>=6,<7", "datasets>=2.19"],
         # torch is pinned: 2.13.0 is the CPU build these machines carry; an unpinned torch pulls
         # a multi-GB CUDA build. It and sentence-transformers serve the interoperability tests.
         "test": ["pytest>=8", "pytest-xdist>=3.8",  # the suite runs on 2 workers (README test command)
