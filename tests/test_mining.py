@@ -175,6 +175,9 @@ def test_teacher_files_and_bad_input_name_file_and_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bixse-jax", "mine", "--model", "m", "--beir", "b", "--num-negatives", "2", "--k", "3", "--out", "o"])
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a filter would be silently ignored by the unfiltered --k
+        cli.main(["bixse-jax", "mine", "--model", "m", "--beir", "b", "--k", "3", "--max-score", "0.5", "--out", "o"])
+    assert e.value.code == 2 and "go with --num-negatives, not --k" in capsys.readouterr().err
     # range_max defaults as sentence-transformers': the negatives, ten times over with a score filter.
     assert mining.Filters(num_negatives=3).window() == 3
     assert mining.Filters(num_negatives=3, range_min=2, max_score=0.9).window() == 32

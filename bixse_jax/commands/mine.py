@@ -67,8 +67,10 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv[1:])
     if args.k is not None and args.k < 1:
         parser.error(f"--k must be >= 1, got {args.k}")
-    if args.k is not None and (args.fmt != "jsonl" or args.teacher_scores):
-        parser.error("--format beir and --teacher-scores go with --num-negatives")
+    filtering = (args.fmt != "jsonl", args.teacher_scores, args.range_min, args.range_max, args.max_score,
+                 args.min_score, args.absolute_margin, args.relative_margin, args.sampling != "top")
+    if args.k is not None and any(v not in (None, False, 0) for v in filtering):
+        parser.error("--format beir, --teacher-scores, --sampling and the filters go with --num-negatives, not --k")
     from bixse_jax.data import sources
     queries, corpus, qrels = sources.read_beir_eval(args.beir, args.split, skip_missing_docs=args.skip_missing_docs)
     if args.k is not None:
