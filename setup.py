@@ -28,6 +28,7 @@ setup(
         "tokenizers>=0.19",
         "tensorboardX>=2.6",
         "tqdm",
+        "huggingface_hub>=0.20",  # every export's README.md is its ModelCard (tokenizers needs it anyway)
         # ArrayRecord data sets built without TensorFlow, read with grain (`data.kind=arrayrecord`).
         "tensorflow-datasets>=4.9.9",
         "array_record>=0.8",
@@ -42,11 +43,11 @@ setup(
         "gguf": ["gguf>=0.10"],
         # `bixse-jax label`: chat templates (jinja2), agreement figures (scipy) and their plot (matplotlib).
         "label": ["jinja2>=3.1", "scipy>=1.11", "matplotlib>=3.8"],
+        # benchmarks/ beside the peers, never part of the main install: torch + transformers
+        # (cpu_vs_peer.py), sentence-transformers (encode_cpu.py, mine_vs_st.py, which also needs datasets).
+        "bench": ["torch==2.13.0", "transformers>=4.40", "sentence-transformers>=6,<7", "datasets>=2.19"],
         # torch is pinned: 2.13.0 is the CPU build these machines carry; an unpinned torch pulls
         # a multi-GB CUDA build. It and sentence-transformers serve the interoperability tests.
-        # benchmarks/cpu_vs_peer.py and encode_cpu.py run torch + transformers beside bixse-jax (the peer);
-        # never part of the main install.
-        "bench": ["torch==2.13.0", "transformers>=4.40", "sentence-transformers>=6,<7"],
         "test": ["pytest>=8", "pytest-xdist>=3.8",  # the suite runs on 2 workers (README test command)
                  "scipy>=1.11", "ir-measures>=0.3", "torch==2.13.0", "sentence-transformers>=6,<7",
                  "matplotlib>=3.8",  # matplotlib: the reproduction's plot (experiments/make_results.py)

@@ -20,8 +20,8 @@ that pads on the right with a named pad token, and appends eos if the model was 
 model.append_eos). `hf-flax` refuses them: transformers' Flax Llama exists in 4.x only (no Flax
 Qwen2 / Qwen3; transformers 5 has no Flax). Nor is a model trained with model.bidirectional
 exported: transformers would run it causally and embed differently.
-All add bixse.json (pooling, normalisation, query prompt, lengths, learned t and b, provenance), so
-`load_encoder` gets back everything `inference.encode` and `inference.predict_relevance` need.
+All add bixse.json (pooling, normalisation, query prompt, lengths, t and b, provenance) for `load_encoder`,
+and README.md, a model card (bixse_jax/model_card.py): a folder the hub's upload command takes as it is.
 
 A folder is written into a hidden sibling and renamed into place when complete: a failed export
 leaves nothing half-written, and `overwrite` replaces an old export only once the new one is done.
@@ -39,7 +39,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from bixse_jax import checkpoint
+from bixse_jax import checkpoint, model_card
 from bixse_jax.errors import UserError
 from bixse_jax.models import architectures, hf_io
 from bixse_jax.models.sentence_model import SIDECAR_NAME, SentenceModel, max_length
@@ -107,6 +107,7 @@ def export_model(model: SentenceModel, out: str | os.PathLike, fmt: str, *, over
         else:
             _copy_tokenizer(model.model_dir, tmp)
         _write_json(tmp / SIDECAR_NAME, _sidecar(model, fmt, pooler_origin))
+        model_card.write(tmp, model, fmt)  # README.md: huggingface_hub's model card
     return out
 
 
@@ -159,9 +160,8 @@ def _write_decoder_tokenizer(model: SentenceModel, tmp: pathlib.Path) -> None:
     pad = tok.id_to_token(model.tokenizer.pad_id)
     settings.update(pad_token=pad, padding_side="right", truncation_side="right",
                     model_max_length=max_length(model, query=False))
-    for key, token_id in (("eos_token", model.config.eos_token_id),):
-        if token_id is not None and key not in settings:
-            settings[key] = tok.id_to_token(token_id)
+    if model.config.eos_token_id is not None and "eos_token" not in settings:
+        settings["eos_token"] = tok.id_to_token(model.config.eos_token_id)
     _write_json(tmp / "tokenizer_config.json", settings)
     for name in ("special_tokens_map.json", "added_tokens.json"):
         if (source / name).is_file():

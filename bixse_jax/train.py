@@ -70,11 +70,12 @@ class _PendingSteps:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-          stop_after_step: int | None = None, show_progress: bool = True) -> tuple[dict[str, Any], step_lib.TrainState]:
+          stop_after_step: int | None = None, show_progress: bool = True,
+          command: str | None = None) -> tuple[dict[str, Any], step_lib.TrainState]:
     """Trains (or resumes) in `workdir`; returns the summary and state.
 
     The summary holds the steps and, when `config.evals` has evaluators, "before" / "after":
-    {NAME: {METRIC: value}}.
+    {NAME: {METRIC: value}}; `command`, the command line that ran it, is kept for model cards.
 
     Everything that can fail on bad input (model folder, data files, tokenizer, a checkpoint of
     another config) is checked before anything is written, so a failed start leaves the workdir
@@ -111,7 +112,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints,
                                       async_save=config.train.async_checkpoints)
     restored = checkpoint.restore_latest(manager, state)
-    summary: dict[str, Any] = {"workdir": str(workdir)}
+    summary: dict[str, Any] = {"workdir": str(workdir), **({"command": command} if command else {})}
     if restored is None:
         if is_lead and not resuming_config:
             checkpoint.write_config(workdir, config_json)

@@ -21,10 +21,11 @@ from bixse_jax.models import hf_io
 
 from interop._trained import QUERY_PREFIX, TEXTS, train_tiny
 
-ST_FILES = {"1_Pooling/config.json", "2_Normalize/config.json", "bixse.json", "config.json",
+ST_FILES = {"1_Pooling/config.json", "2_Normalize/config.json", "README.md", "bixse.json", "config.json",
             "config_sentence_transformers.json", "model.safetensors", "modules.json", "sentence_bert_config.json",
             "tokenizer.json", "tokenizer_config.json", "vocab.txt"}
-FLAX_FILES = {"bixse.json", "config.json", "flax_model.msgpack", "tokenizer.json", "tokenizer_config.json", "vocab.txt"}
+FLAX_FILES = {"README.md", "bixse.json", "config.json", "flax_model.msgpack", "tokenizer.json", "tokenizer_config.json",
+              "vocab.txt"}
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +254,7 @@ def test_one_and_eight_device_runs_export_alike(trained, tiny_model_dir, tmp_pat
         want = safetensors_bytes(hf_io.flax_to_torch(params), metadata={"format": "pt"})
         assert (outs[n] / "model.safetensors").read_bytes() == want
     assert _files(outs[1]) == _files(outs[8])
-    for name in _files(outs[1]) - {"model.safetensors", "bixse.json"}:
+    for name in _files(outs[1]) - {"model.safetensors", "bixse.json", "README.md"}:  # the last two hold t and b
         assert (outs[1] / name).read_bytes() == (outs[8] / name).read_bytes(), name
     one, eight = load_file(str(outs[1] / "model.safetensors")), load_file(str(outs[8] / "model.safetensors"))
     assert {k: (v.shape, v.dtype) for k, v in one.items()} == {k: (v.shape, v.dtype) for k, v in eight.items()}

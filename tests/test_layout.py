@@ -28,8 +28,8 @@ STAGES = [
     ("eval and inference", ("bixse_jax.eval.", "bixse_jax.inference")),
     ("label", ("bixse_jax.label.",)),
     ("experiment", ("bixse_jax.experiment",)),
-    ("train", ("bixse_jax.train",)),
-    ("export", ("bixse_jax.export",)),
+    ("train", ("bixse_jax.train", "bixse_jax.run_report")),
+    ("export", ("bixse_jax.model_card", "bixse_jax.export")),
     ("commands", ("bixse_jax.commands.", "bixse_jax.cli")),
 ]
 PACKAGES = {"bixse_jax", "bixse_jax.data", "bixse_jax.models", "bixse_jax.eval", "bixse_jax.commands",

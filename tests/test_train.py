@@ -166,8 +166,14 @@ def test_cli_train_writes_checkpoints_and_metrics(tiny_model_dir, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads(out.stdout[out.stdout.index("{"):])
-    assert summary["steps"] == 4
+    summary = json.loads((workdir / "summary.jsonl").read_text())  # the JSON goes there, not to the terminal
+    assert summary["steps"] == 4 and summary["command"].startswith("bixse-jax train --workdir")
+    # The terminal ends with what a person wants next: where the model is and the commands to use it.
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("bixse-jax: trained 4 steps in ") and "{" not in out.stdout
+    assert f"model: {workdir} (checkpoint 4); full summary: {workdir}/summary.jsonl" in lines
+    assert f"  bixse-jax export --workdir {workdir} --format sentence-transformers --out {workdir}-st" in lines
+    assert lines[-1].startswith(f"  bixse-jax eval --model {workdir} --beir BEIR_FOLDER")
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")] == [2, 4]

@@ -7,9 +7,9 @@ Multi-host: add `--jax_distributed` on every host (Cloud TPU needs nothing else)
 from __future__ import annotations
 
 import difflib
-import json
 import pathlib
 import re
+import shlex
 import sys
 from typing import Any, Iterator
 
@@ -40,11 +40,17 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
         if distributed.value:
             initialize_distributed(coordinator.value, num_processes.value, process_id.value, timeout.value)
+        import time
+
+        from bixse_jax import run_report
         from bixse_jax.train import train
-        summary, _ = train(config_flag.value, workdir_flag.value)
+        start = time.perf_counter()
+        summary, _ = train(config_flag.value, workdir_flag.value, command=shlex.join([*argv[0].split(), *argv[1:]]))
         import jax
-        if jax.process_index() == 0:
-            print(json.dumps(summary, indent=2))
+        if jax.process_index() == 0:  # the whole summary is a line of WORKDIR/summary.jsonl
+            lines = run_report.closing_lines(summary, config_flag.value, total_steps=config_flag.value.train.num_steps,
+                                             seconds=time.perf_counter() - start)
+            print("\n".join(lines), flush=True)
 
     app.run(run, argv=argv, flags_parser=parse_flags)
 

@@ -28,9 +28,15 @@ def _report(name: str, diff: float) -> None:
     assert diff < TOLERANCE, f"{name}: max abs diff {diff}"
 
 
-def test_trained_export_embeds_like_bixse(tiny_model_dir, tmp_path):
-    workdir, _ = train_tiny(tiny_model_dir, tmp_path / "train")  # the only test here that trains
-    out = bixse_jax.export_checkpoint(workdir, tmp_path / "st", "sentence-transformers")
+@pytest.fixture(scope="module")
+def trained_export(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    workdir, _ = train_tiny(tiny_model_dir, root / "train")  # the only run here
+    return bixse_jax.export_checkpoint(workdir, root / "st", "sentence-transformers")
+
+
+def test_trained_export_embeds_like_bixse(trained_export):
+    out = trained_export
     ours = bixse_jax.load_encoder(out)
     st, docs = _st_embed(out, TEXTS)
     assert st.max_seq_length == 24 and st.similarity_fn_name == "cosine"
@@ -42,6 +48,18 @@ def test_trained_export_embeds_like_bixse(tiny_model_dir, tmp_path):
             float(np.abs(queries - bixse_jax.encode(ours, TEXTS, query=True, max_len=24)).max()))
     assert np.abs(queries - docs).max() > 1e-3  # the prompt did change the embeddings
 
+
+def test_the_model_card_loads_with_the_model_and_survives_its_save(trained_export, tmp_path):
+    """SentenceTransformer(folder) reads README.md as its card and, untrained, writes it back unchanged."""
+    from huggingface_hub import ModelCard
+    card = (trained_export / "README.md").read_text()
+    st = sentence_transformers.SentenceTransformer(str(trained_export), device="cpu")
+    assert st._model_card_text == card
+    assert st.model_card_data.base_model is None  # offline, a local folder: nothing to look up
+    st.save(str(tmp_path / "resaved"))
+    assert (tmp_path / "resaved" / "README.md").read_text() == card
+    data = ModelCard.load(tmp_path / "resaved" / "README.md").data
+    assert data.library_name == "sentence-transformers" and "bixse-jax" in data.tags
 
 @pytest.mark.parametrize("pooling,normalize", [("cls", False), ("last", True)])
 def test_pooling_variants(tiny_model_dir, tmp_path, pooling, normalize):
