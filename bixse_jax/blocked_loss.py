@@ -34,7 +34,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from bixse_jax import losses, parallel
 from bixse_jax.errors import ConfigError
 from bixse_jax.losses.numerics import prepare
-from bixse_jax.targets import PairTable, Rows, block_cells, pair_table, repeated_queries
+from bixse_jax.targets import PairTable, Rows, block_cells, first_rows, pair_table, repeated_queries
 
 IMPLS = ("auto", "dense", "blocked", "ring")
 Stats = tuple[jax.Array, jax.Array, jax.Array, jax.Array]  # (positive sum, count, negative sum, count)
@@ -92,10 +92,10 @@ def blocked_loss(cfg: ml_collections.ConfigDict, t: jax.Array, b: jax.Array, q: 
     n = q.shape[0]
     block = min(cfg.block_size, n)
     num_blocks = -(-n // block)
-    loss, settings = losses.get(cfg.name), losses.get(cfg.name).settings(cfg)
+    record = losses.get(cfg.name)
+    settings = record.settings(cfg)
     table = pair_table(batch["query_ids"], batch["doc_ids"], batch["grades"])
-    rows = Rows(batch["query_ids"], jnp.arange(n, dtype=jnp.int32), batch["grades"],
-                repeated_queries(table, batch["query_ids"]), jnp.ones((n,), jnp.bool_))
+    rows = first_rows(batch, table, n)
     pad = lambda x: jnp.pad(x, [(0, num_blocks * block - n)] + [(0, 0)] * (x.ndim - 1))
     xs = jax.tree.map(lambda x: pad(x).reshape((num_blocks, block) + x.shape[1:]), (q, rows))
     scale, col_index = jnp.exp(t), jnp.arange(n, dtype=jnp.int32)
@@ -105,7 +105,7 @@ def blocked_loss(cfg: ml_collections.ConfigDict, t: jax.Array, b: jax.Array, q: 
         q_block, block_rows = x
         logits = scale * (q_block @ d.T) + b
         targets, labelled, mask = block_cells(cfg, table, block_rows, batch["doc_ids"], col_index)
-        value, included = loss.rows(logits, targets, mask, **settings)
+        value, included = record.rows(logits, targets, mask, **settings)
         return value, included, jax.lax.stop_gradient(block_stats(logits, targets, labelled, mask))
 
     values, included, stats = jax.lax.map(one_block, xs)
@@ -132,7 +132,8 @@ def ring_loss(cfg: ml_collections.ConfigDict, mesh: Mesh, t: jax.Array, b: jax.A
     A device's rows meet each passing shard in chunks of loss.block_size rows (padded), so no
     device holds more than [block_size, B/n] of any cell-wise array.
     """
-    fold, settings = losses.get(cfg.name).fold(), losses.get(cfg.name).settings(cfg)
+    record = losses.get(cfg.name)
+    fold, settings = record.ring_fold(), record.settings(cfg)
     axes, n_dev = parallel.batch_axes(mesh), parallel.batch_shards(mesh)
     perm = [(i, (i + 1) % n_dev) for i in range(n_dev)]
     hop = lambda tree: jax.tree.map(lambda x: jax.lax.ppermute(x, axes, perm), tree)

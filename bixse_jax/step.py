@@ -63,8 +63,8 @@ def objective(params: dict, q: jax.Array, d: jax.Array, batch: Batch, *, loss_cf
         scores = jax.lax.with_sharding_constraint(scores, NamedSharding(mesh, P(parallel.BATCH_AXES, None)))
     logits = jnp.exp(t) * scores + b
     targets, labelled, mask = batch_targets(batch, loss_cfg)
-    spec = losses.get(loss_cfg.name)
-    loss = spec.dense(scores if spec.reads_scores else logits, targets, mask, **spec.settings(loss_cfg))
+    record = losses.get(loss_cfg.name)
+    loss = record.dense(scores if record.reads_scores else logits, targets, mask, **record.settings(loss_cfg))
     positive, negative = labelled & (targets > 0), mask & ~labelled
     mean_where = lambda where: jnp.sum(jnp.where(where, logits, 0.0)) / jnp.maximum(where.sum(), 1)
     return loss, {"loss": loss, "log_temperature": t, "bias": b,

@@ -66,14 +66,14 @@ class Loss:
         if self.reads_scores and (self.rows is not None or self.ring is not None):
             raise ValueError(f"loss {self.name!r}: a loss of the scores has a dense form only here")
 
-    def fold(self) -> RingFold | None:
+    def ring_fold(self) -> RingFold | None:
         """The ring fold: declared, or derived from an additive row form."""
         return self.ring or (additive_fold(self.rows) if self.additive else None)
 
     @property
     def impls(self) -> tuple[str, ...]:
         """The forms it has, of blocked_loss.IMPLS."""
-        return ("dense",) + ("blocked",) * (self.rows is not None) + ("ring",) * (self.fold() is not None)
+        return ("dense",) + ("blocked",) * (self.rows is not None) + ("ring",) * (self.ring_fold() is not None)
 
 
 def additive_fold(rows: Callable[..., tuple[jax.Array, jax.Array]]) -> RingFold:
