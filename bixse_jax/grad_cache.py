@@ -33,7 +33,6 @@ a replicated leaf is not split over) is summed at the end. Without specs the par
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import jax
@@ -52,22 +51,13 @@ LossFn = Callable[[dict, step.Batch, jax.Array], tuple[jax.Array, step.Metrics]]
 _INPUTS = ("query_input_ids", "query_attention_mask", "doc_input_ids", "doc_attention_mask")
 
 
-def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
-    """The mesh axes the batch is split over (all of parallel.BATCH_AXES that the mesh has)."""
-    return tuple(a for a in parallel.BATCH_AXES if a in mesh.axis_names)
-
-
-def _num_shards(mesh: Mesh | None) -> int:
-    return 1 if mesh is None else math.prod(mesh.shape[a] for a in _batch_axes(mesh))
-
-
 def check_chunk(global_batch_size: int, chunk: int, mesh: Mesh | None) -> int:
     """The number of sub-batches; a clear error unless `chunk` splits the batch over all devices.
 
     Call it before training starts so that a bad `train.grad_cache_chunk` fails before anything
     is written; the step calls it again on the batch's actual shape.
     """
-    devices = _num_shards(mesh)
+    devices = parallel.batch_shards(mesh)
     if chunk <= 0:
         raise ConfigError(f"train.grad_cache_chunk={chunk}: a gradient-caching sub-batch needs at "
                          "least one pair (0 turns caching off)")
@@ -81,7 +71,7 @@ def check_chunk(global_batch_size: int, chunk: int, mesh: Mesh | None) -> int:
 
 
 def _device_index(mesh: Mesh | None) -> jax.Array:
-    return jnp.int32(0) if mesh is None else jax.lax.axis_index(_batch_axes(mesh))
+    return jnp.int32(0) if mesh is None else jax.lax.axis_index(parallel.batch_axes(mesh))
 
 
 def _sub_batch_key(side_rng: jax.Array, j: jax.Array, mesh: Mesh | None) -> jax.Array:
@@ -128,7 +118,7 @@ def _on_devices(fn: Callable, mesh: Mesh | None, in_specs: tuple, out_specs) -> 
     """
     if mesh is None:
         return fn
-    spec = lambda x: x if _is_spec(x) else P(_batch_axes(mesh)) if x == "rows" else P()
+    spec = lambda x: x if _is_spec(x) else P(parallel.batch_axes(mesh)) if x == "rows" else P()
     specs = jax.tree.map(spec, (in_specs, out_specs), is_leaf=_is_spec)
     return jax.shard_map(fn, mesh=mesh, in_specs=specs[0], out_specs=specs[1])
 
@@ -157,7 +147,7 @@ def _varying(tree, mesh: Mesh | None):
     def one(x):
         aval = jax.typeof(x)  # the axes x already varies over: `vma` in older jax
         varying = aval.manual_axis_type.varying if hasattr(aval, "manual_axis_type") else getattr(aval, "vma", ())
-        axes = tuple(a for a in _batch_axes(mesh) if a not in varying)
+        axes = tuple(a for a in parallel.batch_axes(mesh) if a not in varying)
         if not axes:
             return x
         return cast(x, axes, to="varying") if cast is not None else jax.lax.pvary(x, axes)  # older jax spelling
@@ -168,10 +158,10 @@ def _sum_over_devices(grads: dict, specs: Specs, mesh: Mesh) -> dict:
     """Per-device partial gradients -> the gradient: summed over the batch axes each leaf's gather
     has not already reduce-scattered over."""
     if specs is None:
-        return jax.lax.psum(grads, _batch_axes(mesh))
+        return jax.lax.psum(grads, parallel.batch_axes(mesh))
 
     def one(spec: P, g: jax.Array) -> jax.Array:
-        axes = tuple(a for a in _batch_axes(mesh) if a not in _spec_axes(spec))
+        axes = tuple(a for a in parallel.batch_axes(mesh) if a not in _spec_axes(spec))
         return jax.lax.psum(g, axes) if axes else g
     return jax.tree.map(one, specs, grads, is_leaf=_is_spec)
 
@@ -184,7 +174,7 @@ def make_chunked_embed(embed: EmbedFn, *, chunk: int, mesh: Mesh | None, encoder
     (it keeps every sub-batch's activations, so it saves no memory).
     """
     def local(encoder_params, inputs, q_rng, d_rng):
-        num_chunks = check_chunk(inputs[0].shape[0] * _num_shards(mesh), chunk, mesh)
+        num_chunks = check_chunk(inputs[0].shape[0] * parallel.batch_shards(mesh), chunk, mesh)
         xs = (jnp.arange(num_chunks),) + tuple(_split(x, num_chunks) for x in inputs)
         q, d = jax.lax.map(lambda a: _embed_pair(embed, _gather(encoder_params, specs), q_rng, d_rng, mesh, *a), xs)
         return _merge(q), _merge(d)
@@ -209,7 +199,7 @@ def make_encoder_vjp(embed: EmbedFn, *, chunk: int, mesh: Mesh | None, encoder_s
     are given), then once over the devices still to add.
     """
     def local(encoder_params, inputs, q_rng, d_rng, g_q, g_d):
-        num_chunks = check_chunk(inputs[0].shape[0] * _num_shards(mesh), chunk, mesh)
+        num_chunks = check_chunk(inputs[0].shape[0] * parallel.batch_shards(mesh), chunk, mesh)
         params = _varying(encoder_params, mesh)  # this device's partial gradient, summed at the end
         xs = (jnp.arange(num_chunks),) + tuple(_split(x, num_chunks) for x in (*inputs, g_q, g_d))
 

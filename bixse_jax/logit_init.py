@@ -25,7 +25,8 @@ likewise t with `learn_temperature=False`. The encoder runs without dropout. At 
 `loss.init_fit_rows` rows of each batch are used (all columns), so the fit needs no [B, B] matrix
 at large batches; the rows are a batch's first ones, i.e. a random sample (batches are shuffled).
 
-Only BiXSE's sigmoid BCE has this optimum; the softmax and pairwise losses do not use b at all, so
+Each loss's record says whether its (t, b) have this optimum (losses.Loss.logistic_optimum): of the
+built-in ones only BiXSE's sigmoid BCE does; the softmax and pairwise losses do not use b at all, so
 `auto` is refused for them (ConfigError). A resumed run never refits: its checkpoint's t and b win.
 """
 
@@ -40,7 +41,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from bixse_jax import blocked_loss, parallel
+from bixse_jax import losses, parallel, targets as targets_lib
 from bixse_jax.errors import ConfigError
 from bixse_jax.models.encoder import SentenceEncoder
 
@@ -55,7 +56,7 @@ def check(loss_cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"loss.init_logit_params {mode!r} is not one of {MODES}")
     if mode != "auto":
         return
-    if loss_cfg.name != "bixse":
+    if not losses.get(loss_cfg.name).logistic_optimum:
         raise ConfigError(f"loss.init_logit_params='auto' fits BiXSE's sigmoid BCE over (t, b); loss.name="
                           f"{loss_cfg.name!r} has no such optimum (softmax and pairwise losses ignore b): use 'fixed'")
     if not (loss_cfg.learn_temperature or loss_cfg.learn_bias):
@@ -126,18 +127,17 @@ def make_cells_fn(encoder: SentenceEncoder, loss_cfg: ml_collections.ConfigDict,
                   max_rows: int) -> Callable[[dict, dict], tuple[jax.Array, jax.Array, jax.Array]]:
     """jitted (encoder params, global batch) -> (cosines, targets, mask), each [min(B, max_rows), B],
     replicated: the frozen encoder's scores and the loss's own targets and mask for those cells
-    (blocked_loss.cells, which the blocked and ring losses use and which equals step.batch_targets)."""
+    (targets.block_cells, which the blocked and ring losses use and which equals targets.batch_targets)."""
 
     def cells_of(params: dict, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
         q = encoder(params, batch["query_input_ids"], batch["query_attention_mask"])
         d = encoder(params, batch["doc_input_ids"], batch["doc_attention_mask"])
         n = q.shape[0]
         r = min(n, max_rows)
-        table = blocked_loss.pair_table(batch["query_ids"], batch["doc_ids"], batch["grades"])
-        qids = batch["query_ids"][:r]
-        rows = blocked_loss.Rows(qids, jnp.arange(r, dtype=jnp.int32), batch["grades"][:r],
-                                 blocked_loss.repeated_queries(table, qids), jnp.ones((r,), jnp.bool_))
-        targets, _, mask = blocked_loss.cells(loss_cfg, table, rows, batch["doc_ids"], jnp.arange(n, dtype=jnp.int32))
+        table = targets_lib.pair_table(batch["query_ids"], batch["doc_ids"], batch["grades"])
+        rows = targets_lib.first_rows(batch, table, r)
+        targets, _, mask = targets_lib.block_cells(loss_cfg, table, rows, batch["doc_ids"],
+                                                   jnp.arange(n, dtype=jnp.int32))
         return (q[:r] @ d.T).astype(jnp.float32), targets, mask
 
     return jax.jit(cells_of, out_shardings=parallel.replicated(mesh))

@@ -12,6 +12,7 @@ batch and in-batch negatives span all devices and hosts.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -66,6 +67,16 @@ def one_cpu_device_per_core() -> int | None:
     except RuntimeError:  # backends already initialised: too late to change
         return None
     return cores
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes the batch is split over (all of BATCH_AXES that the mesh has)."""
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def batch_shards(mesh: Mesh | None) -> int:
+    """Devices the batch is split over (1 without a mesh)."""
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in batch_axes(mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

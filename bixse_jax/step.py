@@ -23,11 +23,10 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bixse_jax import blocked_loss, parallel
+from bixse_jax import blocked_loss, losses, parallel
 from bixse_jax.errors import ConfigError
-from bixse_jax.losses import LOSSES
 from bixse_jax.models.encoder import SentenceEncoder
-from bixse_jax.targets import graded_targets, loss_mask
+from bixse_jax.targets import batch_targets
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -43,18 +42,6 @@ class TrainState:
 
 
 # --- the objective -------------------------------------------------------------------------------
-
-def batch_targets(batch: Batch, loss_cfg: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(targets, labelled, mask) for the global batch, with the ablations the paper compares."""
-    targets, labelled = graded_targets(batch["query_ids"], batch["doc_ids"], batch["grades"])
-    if loss_cfg.diagonal_only:  # ignore duplicate-id labels: only pair i labels (i, i)
-        eye = jnp.eye(targets.shape[0], dtype=bool)
-        targets, labelled = jnp.where(eye, batch["grades"][:, None], 0.0), eye
-    if loss_cfg.binarize_threshold is not None:
-        targets = (targets >= loss_cfg.binarize_threshold).astype(jnp.float32) * labelled
-    mask = loss_mask(batch["query_ids"], labelled, loss_cfg.mask_unlabelled_of_repeated_queries)
-    return targets, labelled, mask
-
 
 def objective(params: dict, q: jax.Array, d: jax.Array, batch: Batch, *, loss_cfg: ml_collections.ConfigDict,
               mesh: Mesh | None) -> tuple[jax.Array, Metrics]:
@@ -76,8 +63,8 @@ def objective(params: dict, q: jax.Array, d: jax.Array, batch: Batch, *, loss_cf
         scores = jax.lax.with_sharding_constraint(scores, NamedSharding(mesh, P(parallel.BATCH_AXES, None)))
     logits = jnp.exp(t) * scores + b
     targets, labelled, mask = batch_targets(batch, loss_cfg)
-    extra = {"threshold": loss_cfg.infonce_threshold} if loss_cfg.name == "infonce" else {}
-    loss = LOSSES[loss_cfg.name](scores if loss_cfg.name == "margin_mse" else logits, targets, mask, **extra)
+    record = losses.get(loss_cfg.name)
+    loss = record.dense(scores if record.reads_scores else logits, targets, mask, **record.settings(loss_cfg))
     positive, negative = labelled & (targets > 0), mask & ~labelled
     mean_where = lambda where: jnp.sum(jnp.where(where, logits, 0.0)) / jnp.maximum(where.sum(), 1)
     return loss, {"loss": loss, "log_temperature": t, "bias": b,
@@ -128,8 +115,7 @@ def make_embed_fn(encoder: SentenceEncoder, use_dropout: bool) -> Callable[..., 
 
 def make_objective(loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None) -> Callable[..., tuple[jax.Array, Metrics]]:
     """`objective` bound to a loss config: (params, q, d, batch) -> (loss, metrics)."""
-    if loss_cfg.name not in LOSSES:
-        raise ConfigError(f"loss.name {loss_cfg.name!r} is not one of {sorted(LOSSES)}")
+    losses.get(loss_cfg.name)  # ConfigError for a name no loss is registered under
     blocked_loss.check_impl(loss_cfg, mesh)
     return functools.partial(objective, loss_cfg=loss_cfg, mesh=mesh)
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bixse_jax import blocked_loss, grad_cache, parallel, step
+from bixse_jax import blocked_loss, grad_cache, losses, parallel, step, targets
 from bixse_jax.default_config import base_config
 from bixse_jax.errors import ConfigError
 from bixse_jax.targets import graded_targets, loss_mask
@@ -82,19 +82,19 @@ def _dense(name, variant="plain", **extra):
 def test_sorted_table_lookup_equals_graded_targets(seed):
     batch = {k: jnp.asarray(v) for k, v in _batch(seed, 64).items()}
     want_t, want_l = graded_targets(batch["query_ids"], batch["doc_ids"], batch["grades"])
-    table = blocked_loss.pair_table(batch["query_ids"], batch["doc_ids"], batch["grades"])
-    got_t, got_l = blocked_loss.lookup(table, batch["query_ids"], batch["doc_ids"])
+    table = targets.pair_table(batch["query_ids"], batch["doc_ids"], batch["grades"])
+    got_t, got_l = targets.lookup(table, batch["query_ids"], batch["doc_ids"])
     assert int(want_l.sum()) > 64  # duplicate ids label off-diagonal cells
     np.testing.assert_array_equal(got_l, want_l)
     np.testing.assert_array_equal(got_t, want_t)
-    repeated = blocked_loss.repeated_queries(table, batch["query_ids"])
+    repeated = targets.repeated_queries(table, batch["query_ids"])
     np.testing.assert_array_equal(~repeated[:, None] | want_l, loss_mask(batch["query_ids"], want_l, True))
 
 
 # --- blocked on one device -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("name", blocked_loss.BLOCKED_LOSSES)
+@pytest.mark.parametrize("name", losses.supporting("blocked"))
 def test_blocked_equals_dense(name, variant):
     """Block of 7 rows: 48 is not a multiple, so the last block is padded."""
     _assert_equal_to(_value_and_grad(_cfg(name, "blocked", variant)), _dense(name, variant))
@@ -111,7 +111,7 @@ def test_blocked_any_block_size(block_size):
 # --- ring over 8 devices -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("name", blocked_loss.RING_LOSSES)
+@pytest.mark.parametrize("name", losses.supporting("ring"))
 def test_ring_equals_dense_on_8_devices(name, variant):
     _assert_equal_to(_value_and_grad(_cfg(name, "ring", variant), parallel.make_mesh(8)), _dense(name, variant))
 
