@@ -6,11 +6,9 @@ nothing, so `train` can call it before touching the workdir.
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING
 
 import ml_collections
-from absl import logging
 
 from bixse_jax.data import sources
 from bixse_jax.data.batching import PairBatcher
@@ -22,15 +20,18 @@ if TYPE_CHECKING:
     from bixse_jax.eval.registry import Scheduled
 
 
+def matmul_policy(cfg: ml_collections.ConfigDict) -> tuple[str | None, str]:
+    """(the model's matmul_dtype, a sentence for the run's log): `model.matmul_dtype=auto` resolved."""
+    return compute_policy.resolve_matmul_dtype(cfg.matmul_dtype, cfg.dtype, training=True)
+
+
 def load_model(cfg: ml_collections.ConfigDict) -> SentenceModel:
     """The pretrained encoder named by `model.name_or_path`, with the training-time overrides.
 
     Goes through the same loader as `bixse-jax eval` and the public API, so a bixse-jax export
     (its bixse.json pooling and prompt) fine-tunes like any HF / sentence-transformers folder.
     """
-    matmul_dtype, why = compute_policy.resolve_matmul_dtype(cfg.matmul_dtype, cfg.dtype, training=True)
-    logging.info(why)
-    print(f"[bixse-jax] {why}", file=sys.stderr, flush=True)
+    matmul_dtype, _ = matmul_policy(cfg)
     overrides = {"dtype": cfg.dtype, "matmul_dtype": matmul_dtype, "remat": cfg.remat,
                  "attention_impl": cfg.attention_impl}
     if cfg.dropout is not None:

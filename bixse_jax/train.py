@@ -126,6 +126,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         logging.warning("resumed from checkpoint step %d in %s", step, workdir)
         print(f"[bixse-jax] resumed from checkpoint step {step}", file=sys.stderr, flush=True)
 
+    summary["matmul_dtype"], why = experiment.matmul_policy(config.model)  # said once the inputs are checked
+    logging.info(why)
+    if is_lead:
+        print(f"[bixse-jax] {why}", file=sys.stderr, flush=True)
     _write_host_record(workdir, batcher, first_batch=int(jax.device_get(state.step)))
     writer = MetricsWriter(workdir, enabled=is_lead)
     if "init_logit_params" in summary:  # fitted: a fresh start, so step 0

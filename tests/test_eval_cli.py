@@ -108,7 +108,8 @@ def test_pooling_and_normalize_flags_override_the_models_own(tiny_model_dir, tmp
     own settings (mean, normalised) are the default."""
     texts = ["a short sentence", "protein folding in the cell"]
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
-    base = ["--model", str(tiny_model_dir), "--input", str(tmp_path / "in.txt"), "--max-len", "32"]
+    base = ["--model", str(tiny_model_dir), "--input", str(tmp_path / "in.txt"), "--max-len", "32",
+            "--matmul-dtype", "float32"]  # compared with float32 encodings
     _run_cli(encode_cmd, [*base, "--out", str(tmp_path / "mean.npy")], capsys)
     _run_cli(encode_cmd, [*base, "--pooling", "cls", "--no-normalize", "--out", str(tmp_path / "cls.npy")], capsys)
     cls = np.load(tmp_path / "cls.npy")
@@ -148,7 +149,8 @@ def test_encode_bad_input_names_file_and_line(tiny_model_dir, tmp_path, capsys, 
 
 
 def test_eval_beir_retrieval_writes_metrics_and_run(tiny_model_dir, tiny_enc, beir_dir, tmp_path, capsys):
-    args = ["--model", str(tiny_model_dir), "--beir", str(beir_dir), "--max-len", "32", "--query-prefix", "query: ",
+    args = ["--model", str(tiny_model_dir), "--beir", str(beir_dir), "--max-len", "32", "--matmul-dtype", "float32",
+            "--query-prefix", "query: ",
             "--k", "5,20", "--top-k", "30", "--run-out", str(tmp_path / "run.trec"), "--out", str(tmp_path / "m.json")]
     result = _run_cli(eval_cmd, args + ["--skip-missing-docs"], capsys)
     assert result == json.loads((tmp_path / "m.json").read_text())
@@ -316,6 +318,7 @@ def test_eval_calibration_sts_with_given_t_b_and_platt(tiny_model_dir, tiny_enc,
     dev = [(a, b, 5.0 * r / (len(dev) - 1)) for (a, b), r in zip(dev, ranks)]  # so that Platt's a > 0
     test, fit = _sts_file(tmp_path / "test.csv", rows), _sts_file(tmp_path / "dev.csv", dev)
     result = _run_cli(eval_cmd, ["--model", str(tiny_model_dir), "--sts", str(test), "--calibration", "--max-len", "32",
+                                 "--matmul-dtype", "float32",
                                  "--query-prefix", "query: ", "--log-temperature", "1.5", "--bias", "-2",
                                  "--calibration-fit", str(fit), "--plot", str(tmp_path / "r.png"),
                                  "--out", str(tmp_path / "c.json")], capsys)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 import time
 
 from bixse_jax import errors
@@ -66,12 +65,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_matmul_dtype(args: argparse.Namespace) -> str | None:
-    """--matmul-dtype resolved (auto: models/compute_policy.py), said on stderr. Call after the device split."""
+    """--matmul-dtype resolved (auto: models/compute_policy.py). Call after the device split."""
     from bixse_jax.models import compute_policy
-    matmul_dtype, why = compute_policy.resolve_matmul_dtype(args.matmul_dtype, args.dtype, training=False)
-    if args.matmul_dtype == "auto":
-        print(f"[bixse-jax] {why}", file=sys.stderr, flush=True)
-    return matmul_dtype
+    return compute_policy.resolve_matmul_dtype(args.matmul_dtype, args.dtype, training=False)[0]
 
 
 def dense_impl(choice: str, dtype: str, matmul_dtype: str | None) -> str:

@@ -30,8 +30,10 @@ and the claim under test is about graded targets). For example:
 
 (`loss.init_logit_params=auto` fits BiXSE's (t, b); the softmax and pairwise losses take `fixed`.)
 
-On a 2-core CPU one step of 128 STS-B pairs takes minutes (docs/results.md), so the table is a
-GPU / TPU job; `--config.train.num_steps` shortens a run for a look on a CPU.
+On the 2-core CPU of docs/benchmarks.md (Intel Xeon, AMX) one step of 128 STS-B pairs took 85-95 s
+in float32-era code (docs/results.md) and 31 s with `model.matmul_dtype=auto`'s bfloat16 matmuls
+(2026-12-02): a whole STS-B run is about 70 min of training plus its evaluations.
+`--config.train.num_steps` shortens a run for a look.
 """
 
 import importlib.util
