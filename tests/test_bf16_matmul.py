@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import skip_unless_ci
 
 from bixse_jax import step
 from bixse_jax.default_config import base_config
@@ -33,14 +34,14 @@ def mkl_weight_grad(monkeypatch):
     """The weight gradient by MKL's bfloat16 gemm, as on a one-device CPU run (the suite has 8 devices,
     where it falls back to XLA's dot)."""
     if not cpu_blas.available():
-        pytest.skip(f"MKL's bfloat16 gemm cannot run here: {cpu_blas.unavailable_reason()}")
+        skip_unless_ci(f"MKL's bfloat16 gemm cannot run here: {cpu_blas.unavailable_reason()}")
     monkeypatch.setattr(bf16_matmul, "_mkl_weight_grad", lambda: True)
 
 
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
 def test_gemm_bf16_equals_float32_product_of_rounded_inputs(trans_a, trans_b):
     if not cpu_blas.available():
-        pytest.skip(cpu_blas.unavailable_reason())
+        skip_unless_ci(f"MKL cannot run here: {cpu_blas.unavailable_reason()}")
     rng = np.random.default_rng(0)
     m, k, n = 19, 37, 23
     a = jnp.asarray(rng.standard_normal((k, m) if trans_a else (m, k)), jnp.bfloat16)
@@ -64,7 +65,7 @@ def test_gemm_bf16_refuses_operands_that_do_not_contract():
 def test_dense_gradients_within_bf16_of_float32(use_mkl, monkeypatch):
     if use_mkl:
         if not cpu_blas.available():
-            pytest.skip(cpu_blas.unavailable_reason())
+            skip_unless_ci(f"MKL cannot run here: {cpu_blas.unavailable_reason()}")
         monkeypatch.setattr(bf16_matmul, "_mkl_weight_grad", lambda: True)
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((3, 7, 16)), jnp.float32)
