@@ -1,7 +1,7 @@
 """Matmuls at a CPU's bfloat16 rate in the forward *and* the backward pass.
 
 On a CPU with native bfloat16 (AMX, AVX512-BF16), XLA multiplies bfloat16 inputs into a float32
-result through YNNPACK at 5-8x its float32 rate, but only when the left operand contracts its last
+result through YNNPACK at 3-6x its float32 rate, but only when the left operand contracts its last
 dimension and the output is float32 (docs/benchmarks.md). JAX's own transpose rules break both
 conditions in the backward pass: the cotangent arrives in float32, so the input gradient is a
 mixed float32 x bfloat16 dot, and the weight gradient x^T @ g contracts the rows, which XLA's fast
@@ -20,8 +20,6 @@ matmul, as torch's bfloat16 autocast does.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 
@@ -141,6 +139,3 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, *, preferred_element_type=None
 def matmul_fns(fast: bool) -> tuple:
     """(einsum, dot_general) a layer multiplies with: this module's when `fast`, else jnp's and lax's."""
     return (einsum, dot_general) if fast else (jnp.einsum, jax.lax.dot_general)
-
-
-__all__: Sequence[str] = ("dense", "dot_general", "einsum", "matmul_fns")

@@ -1,8 +1,8 @@
 """`matmul_dtype=auto`: which matmul inputs a run gets, decided once from the host and the mesh.
 
 On a CPU with native bfloat16 (Intel AMX or AVX512-BF16), bfloat16 matmul inputs with float32
-accumulation train 3x faster than float32 (SmolLM2-135M, docs/benchmarks.md) and encode 1.7x
-faster, with float32 master weights, optimiser state, activations, norms and softmax; so `auto`
+accumulation train 3.2x faster than float32 (a SmolLM2-135M step, docs/benchmarks.md) and
+encode 1.6x faster, with float32 master weights, optimiser state, activations, norms and softmax; so `auto`
 picks `bfloat16` there (models/bf16_matmul.py does the backward pass). Elsewhere it keeps the
 compute dtype: GPUs and TPUs have their own `model.dtype` settings, a CPU without bfloat16
 hardware would emulate it slowly, and a training mesh of several CPU devices (a test setting)
