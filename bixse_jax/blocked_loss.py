@@ -31,13 +31,12 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, PartitionSpec as P
 
-from bixse_jax import losses, parallel
+from bixse_jax import cell_stats, losses, parallel
 from bixse_jax.errors import ConfigError
 from bixse_jax.losses.numerics import prepare
 from bixse_jax.targets import PairTable, Rows, block_cells, first_rows, pair_table, repeated_queries
 
 IMPLS = ("auto", "dense", "blocked", "ring")
-Stats = tuple[jax.Array, jax.Array, jax.Array, jax.Array]  # (positive sum, count, negative sum, count)
 
 
 def check_impl(cfg: ml_collections.ConfigDict, mesh: Mesh | None) -> None:
@@ -74,21 +73,9 @@ def choose_impl(cfg: ml_collections.ConfigDict, mesh: Mesh | None, batch_size: i
 
 # --- the blocks ----------------------------------------------------------------------------------
 
-def block_stats(logits: jax.Array, targets: jax.Array, labelled: jax.Array, mask: jax.Array) -> Stats:
-    """Sums and counts of the positive_logit / negative_logit metrics over a block."""
-    positive, negative = labelled & (targets > 0) & mask, mask & ~labelled
-    total = lambda where: (jnp.sum(jnp.where(where, logits, 0.0)), jnp.sum(where.astype(jnp.float32)))
-    return total(positive) + total(negative)
-
-
-def _mean_stats(stats: Stats) -> tuple[jax.Array, jax.Array]:
-    pos, n_pos, neg, n_neg = stats
-    return pos / jnp.maximum(n_pos, 1.0), neg / jnp.maximum(n_neg, 1.0)
-
-
 def blocked_loss(cfg: ml_collections.ConfigDict, t: jax.Array, b: jax.Array, q: jax.Array, d: jax.Array,
-                 batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(loss, positive_logit, negative_logit) over rows in blocks of cfg.block_size; one device."""
+                 batch: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, cell_stats metrics) over rows in blocks of cfg.block_size; one device."""
     n = q.shape[0]
     block = min(cfg.block_size, n)
     num_blocks = -(-n // block)
@@ -106,11 +93,11 @@ def blocked_loss(cfg: ml_collections.ConfigDict, t: jax.Array, b: jax.Array, q: 
         logits = scale * (q_block @ d.T) + b
         targets, labelled, mask = block_cells(cfg, table, block_rows, batch["doc_ids"], col_index)
         value, included = record.rows(logits, targets, mask, **settings)
-        return value, included, jax.lax.stop_gradient(block_stats(logits, targets, labelled, mask))
+        return value, included, cell_stats.block_sums(logits, targets, labelled, mask)
 
     values, included, stats = jax.lax.map(one_block, xs)
     total = jnp.sum(jnp.where(included, values, 0.0)) / jnp.maximum(jnp.sum(included.astype(jnp.float32)), 1.0)
-    return (total,) + _mean_stats(jax.tree.map(jnp.sum, stats))
+    return total, cell_stats.means(jax.tree.map(jnp.sum, stats))
 
 
 # --- the ring ------------------------------------------------------------------------------------
@@ -126,8 +113,8 @@ def _ring_block(cfg, t, b, q, table, rows, shard):
 
 
 def ring_loss(cfg: ml_collections.ConfigDict, mesh: Mesh, t: jax.Array, b: jax.Array, q: jax.Array,
-              d: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(loss, positive_logit, negative_logit), documents passed round the devices of the batch axes.
+              d: jax.Array, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, cell_stats metrics), documents passed round the devices of the batch axes.
 
     A device's rows meet each passing shard in chunks of loss.block_size rows (padded), so no
     device holds more than [block_size, B/n] of any cell-wise array.
@@ -167,13 +154,13 @@ def ring_loss(cfg: ml_collections.ConfigDict, mesh: Mesh, t: jax.Array, b: jax.A
             def one_chunk(stats, x):
                 q_c, rows_c, acc_c = x
                 _, logits, l, targets, labelled, mask = _ring_block(cfg, t, b, q_c, table, rows_c, shard)
-                stats = tuple(x + y for x, y in zip(stats, block_stats(logits, targets, labelled, mask)))
+                stats = cell_stats.add(stats, cell_stats.block_sums(logits, targets, labelled, mask))
                 return stats, fold.fold(acc_c, l, targets, mask, **settings)
 
             stats, acc = jax.lax.scan(one_chunk, stats, (q_chunks, row_chunks, acc))
             return (hop(shard), acc, stats), None
 
-        init = ((d, did, aux[0][1]), acc0, (jnp.float32(0),) * 4)
+        init = ((d, did, aux[0][1]), acc0, cell_stats.zeros())
         (_, acc, stats), _ = jax.lax.scan(step, init, None, length=n_dev)
         per_row, included, residuals = fold.finish(jax.tree.map(merge, acc))
         total = jax.lax.psum(jnp.sum(jnp.where(included, per_row, 0.0)), axes)
@@ -205,7 +192,7 @@ def ring_loss(cfg: ml_collections.ConfigDict, mesh: Mesh, t: jax.Array, b: jax.A
         return jax.lax.psum(g_t, axes), jax.lax.psum(g_b, axes), g_q, shard[3]
 
     ins = (whole, whole, rows_spec, rows_spec, aux_spec)
-    forward = sharded(forward_local, ins, (whole, (whole,) * 4, rows_spec, whole))  # rows_spec: every residual
+    forward = sharded(forward_local, ins, (whole, (whole,) * len(cell_stats.zeros()), rows_spec, whole))  # rows_spec: every residual
     backward = sharded(backward_local, ins + (rows_spec, whole, whole),
                        (whole, whole, rows_spec, rows_spec))
 
@@ -225,7 +212,7 @@ def ring_loss(cfg: ml_collections.ConfigDict, mesh: Mesh, t: jax.Array, b: jax.A
     loss_of.defvjp(fwd, bwd)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     loss, stats = loss_of(f32(t), f32(b), f32(q), f32(d), aux)
-    return (loss,) + _mean_stats(jax.lax.stop_gradient(stats))
+    return loss, cell_stats.means(jax.lax.stop_gradient(stats))
 
 
 IMPL_FNS = {"blocked": lambda cfg, mesh, *args: blocked_loss(cfg, *args), "ring": ring_loss}

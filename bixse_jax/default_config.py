@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.init_logit_params = "fixed"  # fixed | auto
     c.loss.init_fit_batches = 4  # auto: global batches the fit reads (the run's first ones)
     c.loss.init_fit_rows = 1024  # auto: at most this many rows (queries) of each, against all its documents
+    # How t and b follow the encoder while it trains: adam (their own rate, train.logit_params_lr), or
+    # refit (bixse: every step fits them to the step's cells, bixse_jax/logit_init.refit_in_step).
+    c.loss.follow_logit_params = "adam"  # adam | refit
     c.loss.infonce_threshold = 0.5  # infonce: grades >= this are positives
     c.loss.diagonal_only = False  # ablation: only pair i labels cell (i, i)
     c.loss.binarize_threshold = ml_collections.FieldReference(None, field_type=float)  # ablation
@@ -87,7 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.adam_b2 = 0.999
     c.train.adam_eps = 1e-6
     c.train.grad_clip_norm = 1.0  # encoder only, by the encoder's own gradient norm (0: off); t, b never clipped
-    c.train.logit_params_lr_multiplier = 100.0  # t and b learn this much faster than the encoder
+    # t and b's own Adam rate, absolute (step.logit_params_schedule: the warm-up, then constant)
+    c.train.logit_params_lr = 2e-3
     c.train.log_every = 10
     c.train.checkpoint_every = 100  # 0: no checkpoints at all (sweeps that only want the metrics)
     c.train.keep_checkpoints = 3

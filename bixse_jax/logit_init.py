@@ -161,3 +161,75 @@ def fit_from_batches(cells_fn: Callable, encoder_params: dict, batches: Iterable
     return {"log_temperature": math.log(scale), "bias": bias, "batches": len(scores), **info,
             "mean_target": float(t.mean()), "mean_cos_target_positive": float(s[labelled].mean()) if labelled.any() else None,
             "mean_cos_target_zero": float(s[~labelled].mean()) if (~labelled).any() else None}
+
+
+# --- following the encoder: the same fit inside the step -----------------------------------------
+
+FOLLOW_MODES = ("adam", "refit")
+_LINE_SEARCH = 2.0 ** -np.arange(12)  # step sizes a Newton step may be cut to
+
+
+def check_follow(loss_cfg: ml_collections.ConfigDict) -> None:
+    """ConfigError for a `loss.follow_logit_params` the loss cannot honour."""
+    mode = loss_cfg.follow_logit_params
+    if mode not in FOLLOW_MODES:
+        raise ConfigError(f"loss.follow_logit_params {mode!r} is not one of {FOLLOW_MODES}")
+    if mode == "refit" and not losses.get(loss_cfg.name).logistic_optimum:
+        raise ConfigError(f"loss.follow_logit_params='refit' fits BiXSE's sigmoid BCE over (t, b); loss.name="
+                          f"{loss_cfg.name!r} has no such optimum (softmax and pairwise losses ignore b): use 'adam'")
+
+
+def fit_logistic_jax(scores: jax.Array, targets: jax.Array, mask: jax.Array, scale: jax.Array, bias: jax.Array,
+                     *, fit_scale: bool, fit_bias: bool, iterations: int = 12) -> tuple[jax.Array, jax.Array]:
+    """`fit_logistic` in jnp for one step's cells: (a, b) minimising the masked bce_sum, from (scale, bias).
+
+    A fixed number of Newton steps, each cut to the first of 1, 1/2, ... 1/2^11 that does not
+    increase F and keeps a > 0 (none: the step is skipped), so it jits without host control flow.
+    Started at the current (a, b), which the previous step's fit left near this step's optimum.
+    """
+    s, y, m = scores.astype(jnp.float32), targets.astype(jnp.float32), mask.astype(jnp.float32)
+    free = jnp.array([fit_scale, fit_bias], jnp.float32)
+    steps = jnp.asarray(_LINE_SEARCH, jnp.float32)
+
+    def f(a, b):  # [k] candidates -> [k] sums
+        z = a[:, None, None] * s + b[:, None, None]
+        return jnp.sum(m * (jnp.logaddexp(0.0, z) - y * z), axis=(1, 2))
+
+    def newton(_, x):
+        p = jax.nn.sigmoid(x[0] * s + x[1])
+        r, w = m * (p - y), m * p * (1.0 - p)
+        grad = free * jnp.array([jnp.sum(r * s), jnp.sum(r)])
+        hess = jnp.array([[jnp.sum(w * s * s), jnp.sum(w * s)], [jnp.sum(w * s), jnp.sum(w)]])
+        hess = hess * jnp.outer(free, free) + jnp.diag(1.0 - free) + 1e-6 * jnp.eye(2)
+        direction = -jnp.linalg.solve(hess, grad)
+        candidates = x[None, :] + steps[:, None] * direction[None, :]
+        ok = (f(candidates[:, 0], candidates[:, 1]) <= f(x[None, 0], x[None, 1])) & (candidates[:, 0] >= _MIN_SCALE)
+        return jnp.where(jnp.any(ok), candidates[jnp.argmax(ok)], x)
+
+    x = jax.lax.fori_loop(0, iterations, newton, jnp.stack([jnp.maximum(scale, _MIN_SCALE), bias]).astype(jnp.float32))
+    return x[0], x[1]
+
+
+def refit_in_step(loss_cfg: ml_collections.ConfigDict, t: jax.Array, b: jax.Array, q: jax.Array, d: jax.Array,
+                  batch: dict) -> tuple[jax.Array, jax.Array]:
+    """`loss.follow_logit_params='refit'`: (t, b) at the BiXSE optimum for this step's encoder.
+
+    Why: Adam moves t and b by about their rate a step, while fine-tuning changes the cosines'
+    spread several-fold in tens of steps (issue 23); a rate fast enough to follow that jitters
+    once it has. Here every step fits (t, b) by logistic regression on its own cells, the loss's
+    targets and mask on the batch's first `loss.init_fit_rows` rows against all its documents
+    (the cells `auto` fits at the start), with the embeddings held fixed. The loss then uses the
+    fitted values, so the encoder's gradient is that of the loss minimised over (t, b) (at an
+    optimum dL/dt = dL/db = 0), and the step stores them as the run's t and b. Only the learnable
+    ones are fitted (`learn_bias=False`: b stays).
+    """
+    q, d = jax.lax.stop_gradient(q), jax.lax.stop_gradient(d)
+    n = q.shape[0]
+    r = min(n, loss_cfg.init_fit_rows)
+    table = targets_lib.pair_table(batch["query_ids"], batch["doc_ids"], batch["grades"])
+    rows = targets_lib.first_rows(batch, table, r)
+    targets, _, mask = targets_lib.block_cells(loss_cfg, table, rows, batch["doc_ids"], jnp.arange(n, dtype=jnp.int32))
+    scores = (q[:r] @ d.T).astype(jnp.float32)
+    a, bias = fit_logistic_jax(scores, targets, mask, jnp.exp(jax.lax.stop_gradient(t)), jax.lax.stop_gradient(b),
+                               fit_scale=bool(loss_cfg.learn_temperature), fit_bias=bool(loss_cfg.learn_bias))
+    return jnp.log(a), bias

@@ -23,13 +23,15 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bixse_jax import blocked_loss, losses, parallel
+from bixse_jax import blocked_loss, cell_stats, logit_init, losses, parallel
 from bixse_jax.errors import ConfigError
 from bixse_jax.models.encoder import SentenceEncoder
 from bixse_jax.targets import batch_targets
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+# A loss fn that fits t and b itself returns them as these metrics; the step stores them as the params.
+REFIT_KEYS = ("refit/log_temperature", "refit/bias")
 LossFn = Callable[[dict, Batch, jax.Array], tuple[jax.Array, Metrics]]  # (params, batch, rng)
 
 
@@ -53,11 +55,14 @@ def objective(params: dict, q: jax.Array, d: jax.Array, batch: Batch, *, loss_cf
     """
     t = params["log_temperature"] if loss_cfg.learn_temperature else jax.lax.stop_gradient(params["log_temperature"])
     b = params["bias"] if loss_cfg.learn_bias else jax.lax.stop_gradient(params["bias"])
+    refit = {}
+    if loss_cfg.follow_logit_params == "refit":  # t, b at this encoder's optimum (logit_init.refit_in_step)
+        t, b = logit_init.refit_in_step(loss_cfg, t, b, q, d, batch)
+        refit = {REFIT_KEYS[0]: t, REFIT_KEYS[1]: b}
     impl = blocked_loss.choose_impl(loss_cfg, mesh, q.shape[0])
     if impl != "dense":
-        loss, positive, negative = blocked_loss.IMPL_FNS[impl](loss_cfg, mesh, t, b, q, d, batch)
-        return loss, {"loss": loss, "log_temperature": t, "bias": b,
-                      "positive_logit": positive, "negative_logit": negative}
+        loss, stats = blocked_loss.IMPL_FNS[impl](loss_cfg, mesh, t, b, q, d, batch)
+        return loss, {"loss": loss, "log_temperature": t, "bias": b, **stats, **refit}
     scores = q @ d.T  # [B, B]: every query against every document of the global batch
     if mesh is not None:
         scores = jax.lax.with_sharding_constraint(scores, NamedSharding(mesh, P(parallel.BATCH_AXES, None)))
@@ -65,10 +70,8 @@ def objective(params: dict, q: jax.Array, d: jax.Array, batch: Batch, *, loss_cf
     targets, labelled, mask = batch_targets(batch, loss_cfg)
     record = losses.get(loss_cfg.name)
     loss = record.dense(scores if record.reads_scores else logits, targets, mask, **record.settings(loss_cfg))
-    positive, negative = labelled & (targets > 0), mask & ~labelled
-    mean_where = lambda where: jnp.sum(jnp.where(where, logits, 0.0)) / jnp.maximum(where.sum(), 1)
-    return loss, {"loss": loss, "log_temperature": t, "bias": b,
-                  "positive_logit": mean_where(positive), "negative_logit": mean_where(negative)}
+    stats = cell_stats.means(cell_stats.block_sums(logits, targets, labelled, mask))
+    return loss, {"loss": loss, "log_temperature": t, "bias": b, **stats, **refit}
 
 
 def embed(encoder: SentenceEncoder, use_dropout: bool, encoder_params: dict, ids: jax.Array, mask: jax.Array,
@@ -101,6 +104,10 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.Gr
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if REFIT_KEYS[0] in metrics:  # loss.follow_logit_params='refit': this step's fit is the run's t, b
+        refit = [metrics.pop(k) for k in REFIT_KEYS]
+        params = {**params, "log_temperature": refit[0].astype(params["log_temperature"].dtype),
+                  "bias": refit[1].astype(params["bias"].dtype)}
     keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
                "nonfinite": (~finite).astype(jnp.float32)}
@@ -116,6 +123,7 @@ def make_embed_fn(encoder: SentenceEncoder, use_dropout: bool) -> Callable[..., 
 def make_objective(loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None) -> Callable[..., tuple[jax.Array, Metrics]]:
     """`objective` bound to a loss config: (params, q, d, batch) -> (loss, metrics)."""
     losses.get(loss_cfg.name)  # ConfigError for a name no loss is registered under
+    logit_init.check_follow(loss_cfg)
     blocked_loss.check_impl(loss_cfg, mesh)
     return functools.partial(objective, loss_cfg=loss_cfg, mesh=mesh)
 
@@ -163,16 +171,27 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW in two groups: the encoder, and the logit scalars t and b at their own (larger) rate.
+def logit_params_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+    """t and b's own rate: the encoder's warm-up to `logit_params_lr`, then constant to the end.
 
-    Fine-tuning rates (~2e-5) would leave b near its init of -10 for the whole of a short run, so
-    the two logit scalars step `logit_params_lr_multiplier` times faster, as a per-group rate.
+    Absolute, not a multiple of the encoder's rate: Adam moves a scalar by about its rate a step,
+    so at fine-tuning rates t and b could not follow the encoder (issue 23: 0.075 in 20 steps while
+    the cosines' spread changed several-fold). Never decayed: the encoder keeps changing to the
+    last step, and t and b must keep following it.
+    """
+    peak, warmup = cfg.logit_params_lr, cfg.warmup_steps
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
+                                 optax.constant_schedule(peak)], [warmup])
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW in two groups: the encoder at `schedule`, and the logit scalars t and b at their own rate.
 
     `grad_clip_norm` (0: off) clips the encoder's gradients by the global norm of the encoder's
     gradients alone. t and b are not clipped: inside one shared norm their gradients (large under
     BiXSE, and dL/db = 0 under InfoNCE) would shrink the encoder's step by a loss-dependent factor,
     and Adam already bounds each scalar's step to a few times its rate whatever its gradient's size.
+    t and b are never weight-decayed.
     """
     schedule = make_schedule(cfg)
 
@@ -181,12 +200,10 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransf
         return optax.chain(*clip, optax.adamw(lr, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
                                               weight_decay=cfg.weight_decay, mask=_decay_mask))
 
-    multiplier = cfg.logit_params_lr_multiplier
     labels = lambda params: {k: "encoder" if k == "encoder" else "logit" for k in params}
     # Each group's transforms see only that group's leaves, so the clip's norm is the encoder's.
     per_group = optax.multi_transform(
-        {"encoder": adamw(schedule, cfg.grad_clip_norm),
-         "logit": adamw(lambda step: multiplier * schedule(step), None)}, labels)
+        {"encoder": adamw(schedule, cfg.grad_clip_norm), "logit": adamw(logit_params_schedule(cfg), None)}, labels)
     return per_group, schedule
 
 

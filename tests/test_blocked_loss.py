@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bixse_jax import blocked_loss, grad_cache, losses, parallel, step, targets
+from bixse_jax import blocked_loss, cell_stats, grad_cache, losses, parallel, step, targets
 from bixse_jax.default_config import base_config
 from bixse_jax.errors import ConfigError
 from bixse_jax.targets import graded_targets, loss_mask
@@ -63,7 +63,7 @@ def _assert_equal_to(got, want):
     (loss, metrics), grads = got
     (want_loss, want_metrics), want_grads = want
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
-    for k in ("positive_logit", "negative_logit"):
+    for k in cell_stats.NAMES:
         np.testing.assert_allclose(metrics[k], want_metrics[k], rtol=1e-6, atol=1e-6, err_msg=k)
     # Absolute slack of 1e-6 of the largest gradient: dL/db of InfoNCE is 0 and holds float noise.
     scale = max(float(np.abs(w).max()) for w in jax.tree.leaves(want_grads))

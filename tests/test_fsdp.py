@@ -80,7 +80,7 @@ def test_two_by_four_mesh_equals_eight_by_one(tiny_model_dir):
     want = adamw_reference(start, [g8], cfg.train, lrs=[lr])
     for (path, a), b, w, s in zip(jax.tree_util.tree_flatten_with_path(p8)[0], jax.tree.leaves(p2),
                                   jax.tree.leaves(want), jax.tree.leaves(start), strict=True):
-        rate = lr if path[0].key == "encoder" else lr * cfg.train.logit_params_lr_multiplier
+        rate = lr if path[0].key == "encoder" else cfg.train.logit_params_lr
         ulps = 2 * np.spacing(np.abs(np.asarray(s, np.float32))).astype(np.float64)
         a, b, w = (np.asarray(x, np.float64) for x in (a, b, w))
         off_8x1, off_2x4 = float(np.max(np.abs(a - w) - ulps)) / rate, float(np.max(np.abs(b - a) - ulps)) / rate

@@ -120,3 +120,68 @@ def test_training_starts_from_the_fit_on_eight_devices_and_a_resume_keeps_it(tin
     assert second["log_temperature"] == pytest.approx(float(after_one["log_temperature"]), abs=1e-6)
     record = json.loads((workdir / "summary.jsonl").read_text())  # only the finished run writes one
     assert record["steps"] == 2 and set(record) >= {"log_temperature", "bias"}
+
+
+# --- loss.follow_logit_params='refit': the fit inside every step ---------------------------------
+
+def test_jax_fit_equals_the_numpy_fit_on_the_masked_cells():
+    rng = np.random.default_rng(3)
+    s = rng.uniform(-0.2, 0.9, (64, 96)).astype(np.float32)
+    y = (rng.uniform(size=s.shape) < _sigmoid(9.0 * s - 6.0)).astype(np.float32)
+    m = rng.uniform(size=s.shape) < 0.8
+    want_a, want_b, _ = logit_init.fit_logistic(s[m], y[m], init_scale=10.0, init_bias=-10.0)
+    a, b = logit_init.fit_logistic_jax(s, y, m, np.float32(10.0), np.float32(-10.0), fit_scale=True, fit_bias=True,
+                                       iterations=30)
+    assert (float(a), float(b)) == pytest.approx((want_a, want_b), rel=1e-3)
+    # Masked-out cells matter: the unmasked fit is another one.
+    a_all, _, _ = logit_init.fit_logistic(s, np.where(m, y, 1.0), init_scale=10.0, init_bias=-10.0)
+    assert abs(a_all - want_a) > 0.1
+    a, b = logit_init.fit_logistic_jax(s, y, m, np.float32(3.0), np.float32(-2.0), fit_scale=True, fit_bias=False,
+                                       iterations=30)
+    assert float(b) == -2.0 and float(a) == pytest.approx(
+        logit_init.fit_logistic(s[m], y[m], init_scale=3.0, init_bias=-2.0, fit_bias=False)[0], rel=1e-3)
+
+
+@pytest.mark.parametrize("learn_bias", [True, False])
+def test_refit_step_stores_the_fit_of_its_own_cells(learn_bias):
+    """After one step, t and b are the logistic fit (numpy, float64) of that step's starting cosines,
+    the loss's own targets and mask; a frozen b stays bit-exact."""
+    from bixse_jax.default_config import base_config
+    cfg = base_config()
+    cfg.train.update(dict(warmup_steps=0, schedule="constant", learning_rate=1e-3))
+    cfg.loss.update(dict(follow_logit_params="refit", learn_bias=learn_bias, init_bias=-4.0))
+    tx, schedule = step_lib.make_optimizer(cfg.train)
+    rng = np.random.default_rng(0)
+    embeddings = {side: {"kernel": rng.standard_normal((16, 6)).astype(np.float32)} for side in ("q", "d")}
+    state = step_lib.init_state(embeddings, cfg.loss, tx, seed=0)
+    objective = step_lib.make_objective(cfg.loss, None)
+    unit = lambda x: x / jax.numpy.linalg.norm(x, axis=-1, keepdims=True)
+    loss_fn = lambda p, batch, _: objective(p, unit(p["encoder"]["q"]["kernel"]), unit(p["encoder"]["d"]["kernel"]),
+                                            batch)
+    batch = {"query_ids": np.array([0, 1, 2, 0, 3, 4, 1, 5] * 2, np.int32), "doc_ids": np.arange(16, dtype=np.int32),
+             "grades": rng.uniform(0.2, 1.0, 16).astype(np.float32)}
+    new, metrics = jax.jit(step_lib.make_train_step(loss_fn, tx, schedule))(state, batch)
+    q, d = (np.asarray(unit(embeddings[k]["kernel"]), np.float64) for k in ("q", "d"))
+    targets, _, mask = jax.device_get(step_lib.batch_targets(batch, cfg.loss))
+    mask = np.asarray(mask, bool)
+    a, b, _ = logit_init.fit_logistic((q @ d.T)[mask], np.asarray(targets, np.float64)[mask], init_scale=10.0,
+                                      init_bias=-4.0, fit_bias=learn_bias)
+    assert float(new.params["log_temperature"]) == pytest.approx(math.log(a), abs=1e-3)
+    assert float(metrics["log_temperature"]) == float(new.params["log_temperature"])  # the loss used the fit
+    assert not any(k in metrics for k in step_lib.REFIT_KEYS)
+    if learn_bias:
+        assert float(new.params["bias"]) == pytest.approx(b, abs=1e-3) and abs(b + 4.0) > 0.1
+    else:
+        assert np.asarray(new.params["bias"]).tobytes() == np.asarray(state.params["bias"]).tobytes()
+    assert np.abs(new.params["encoder"]["q"]["kernel"] - embeddings["q"]["kernel"]).max() > 1e-4  # it trained
+
+
+def test_refit_is_refused_for_a_loss_without_the_optimum():
+    from bixse_jax.default_config import base_config
+    cfg = base_config().loss
+    cfg.name, cfg.follow_logit_params = "infonce", "refit"
+    with pytest.raises(ConfigError, match="no such optimum"):
+        step_lib.make_objective(cfg, None)
+    cfg.name, cfg.follow_logit_params = "bixse", "often"
+    with pytest.raises(ConfigError, match="is not one of"):
+        step_lib.make_objective(cfg, None)

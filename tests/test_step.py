@@ -41,11 +41,11 @@ def _encoder_params():
 
 
 def _configs(**train):
-    """Constant rate from step 0, no clipping unless asked, visible decay and multiplier."""
+    """Constant rate from step 0, no clipping unless asked, visible decay, t and b at 7x the encoder's rate."""
     cfg = base_config()
     cfg.loss.init_log_temperature, cfg.loss.init_bias = 0.7, -3.0
     cfg.train.update(dict(schedule="constant", warmup_steps=0, learning_rate=1e-2, weight_decay=0.3,
-                          logit_params_lr_multiplier=7.0, grad_clip_norm=0.0))
+                          logit_params_lr=7e-2, grad_clip_norm=0.0))
     cfg.train.update(train)
     return cfg
 
@@ -80,7 +80,7 @@ def _run_steps(cfg, grads_seq):
     return start, jax.device_get(state.params)
 
 
-def _assert_params_equal(got, want, start, lr, multiplier=7.0):
+def _assert_params_equal(got, want, start, lr, logit_lr=7e-2):
     """Updates (new - start) equal to 1e-4 of the leaf's rate, plus the float32 rounding of the parameter.
 
     float32 bias correction alone is off by ~1e-5: 1 - float32(0.999) = 0.00099998713."""
@@ -88,14 +88,14 @@ def _assert_params_equal(got, want, start, lr, multiplier=7.0):
                                jax.tree.leaves(start), strict=True):
         g, w, s32 = np.asarray(g, np.float64), np.asarray(w, np.float64), np.asarray(s, np.float32)
         s = s32.astype(np.float64)
-        rate = lr if path[0].key == "encoder" else lr * multiplier
+        rate = lr if path[0].key == "encoder" else logit_lr
         tol = 1e-4 * rate + 2 * np.spacing(np.abs(s32)).astype(np.float64)
         err = np.abs((g - s) - (w - s))
         assert np.all(err <= tol), f"{jax.tree_util.keystr(path)}: update off by {err.max():.3g} (rate {rate})"
 
 
 def test_two_adamw_steps_match_the_formula():
-    """Rates per group (t, b at the multiplier), decay on the encoder's matrices and embeddings only,
+    """Rates per group (t, b at train.logit_params_lr), decay on the encoder's matrices and embeddings only,
     AdamW's moments and bias correction over two steps, against the numpy formula."""
     cfg = _configs()
     grads = [_random_grads(1), _random_grads(2)]
@@ -131,8 +131,20 @@ def test_adam_overrides_change_the_update_as_the_formula_says(key, value):
     assert moved > 100 * 1e-4 * 1e-2  # the override moved the result 100x the tolerance or more
 
 
+def test_logit_params_rate_is_absolute_warmed_up_and_never_decayed():
+    """t and b's rate follows the encoder's warm-up, then stays at train.logit_params_lr to the last
+    step, whatever the encoder's peak rate and decay (so t and b can follow the encoder to the end)."""
+    cfg = base_config().train
+    cfg.update(dict(learning_rate=2e-5, warmup_steps=10, num_steps=100, schedule="linear", logit_params_lr=0.05))
+    rate, encoder = step.logit_params_schedule(cfg), step.make_schedule(cfg)
+    assert float(rate(5)) == pytest.approx(0.025) and float(encoder(5)) == pytest.approx(1e-5)
+    for k in (10, 50, 99, 100, 1000):
+        assert float(rate(k)) == pytest.approx(0.05), k
+    assert float(encoder(99)) < 1e-6  # the encoder's rate did decay
+
+
 @pytest.mark.parametrize("key", ["adam_b1", "adam_b2", "adam_eps", "weight_decay", "grad_clip_norm",
-                                 "logit_params_lr_multiplier", "learning_rate", "schedule"])
+                                 "logit_params_lr", "learning_rate", "schedule"])
 def test_optimizer_reads_its_keys_from_the_schema(key):
     """No fallback defaults in the code: a train config without the key cannot build the optimiser."""
     cfg = base_config().train
@@ -173,10 +185,11 @@ def test_clip_is_the_encoders_own_global_norm(case):
 @pytest.mark.parametrize("frozen", ["bias", "log_temperature"])
 def test_frozen_logit_scalar_stays_bit_exact(frozen):
     """learn_bias=False (learn_temperature=False) leaves b (t) bit-exact through three real steps of
-    the BiXSE objective, with weight decay and the default 100x multiplier on; the other scalar and
+    the BiXSE objective, with weight decay and t and b's own rate on; the other scalar and
     the "encoder" (here the embeddings themselves, as decayed kernels) do move."""
     cfg = base_config()
     cfg.train.update(dict(warmup_steps=0, schedule="constant", learning_rate=1e-3, weight_decay=0.1))
+    cfg.train.logit_params_lr = 1e-2
     cfg.loss.learn_bias, cfg.loss.learn_temperature = frozen != "bias", frozen != "log_temperature"
     tx, schedule = step.make_optimizer(cfg.train)
     rng = np.random.default_rng(0)
@@ -193,7 +206,7 @@ def test_frozen_logit_scalar_stays_bit_exact(frozen):
     end = jax.device_get(state.params)
     other = "log_temperature" if frozen == "bias" else "bias"
     assert np.asarray(end[frozen]).tobytes() == np.asarray(start[frozen]).tobytes()
-    assert abs(float(end[other] - start[other])) > 1e-2  # ~3 steps of 100 x 1e-3
+    assert abs(float(end[other] - start[other])) > 1e-2  # ~3 steps of 1e-2
     assert np.abs(end["encoder"]["q"]["kernel"] - start["encoder"]["q"]["kernel"]).max() > 1e-3
 
 

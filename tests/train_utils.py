@@ -64,7 +64,7 @@ def adamw_reference(params, grads_seq, train_cfg, lrs):
     vhat = v / (1 - b2^k), p -= rate * (mhat / (sqrt(vhat) + eps) + wd * p [decayed leaves only]).
     The encoder's gradients are first scaled to at most `grad_clip_norm` by their own global norm;
     t and b (every top-level key but "encoder") are never clipped or decayed and step at
-    `logit_params_lr_multiplier` times the rate. Decayed: the encoder's matrices and embedding
+    `logit_params_lr` (constant: the tests' schedules have no warm-up). Decayed: the encoder's matrices and embedding
     tables (ndim >= 2), never its biases or LayerNorm. `lrs[k]` is the schedule's rate at step k.
     """
     import jax
@@ -85,7 +85,7 @@ def adamw_reference(params, grads_seq, train_cfg, lrs):
             m[i] = b1 * m[i] + (1 - b1) * g[i]
             v[i] = b2 * v[i] + (1 - b2) * g[i] ** 2
             mhat, vhat = m[i] / (1 - b1 ** k), v[i] / (1 - b2 ** k)
-            rate = lr if enc else lr * train_cfg.logit_params_lr_multiplier
+            rate = lr if enc else train_cfg.logit_params_lr
             decay = wd * p[i] if enc and p[i].ndim >= 2 else 0.0
             p[i] = p[i] - rate * (mhat / (np.sqrt(vhat) + eps) + decay)
     return jax.tree.unflatten(treedef, p)
