@@ -1,10 +1,11 @@
-"""t, b and the loss of training runs against the step: did t and b move, and did they settle?
+"""t, b, the loss and the labelled cells' calibration against the step: did t and b follow the encoder?
 
   python experiments/plot_logit_params.py WORKDIR [WORKDIR ...] --out curves.png [--json curves.json]
 
 Reads each workdir's metrics.jsonl (written by `bixse-jax train`; `init/log_temperature` and
 `init/bias` at step 0 when `loss.init_logit_params=auto` fitted them) and draws one line per run in
-three panels. --json also writes the numbers: per run, its first and last t and b and the largest
+four panels; the fourth is the labelled cells' mean probability (solid) against their mean target
+(dashed), the step's `labelled_prob` and `labelled_target` (bixse_jax/cell_stats.py). --json also writes the numbers: per run, its first and last t and b and the largest
 change of each over the last quarter of its steps (a settled parameter changes little there).
 """
 
@@ -15,11 +16,12 @@ import json
 import pathlib
 from typing import Any
 
-KEYS = ("log_temperature", "bias", "loss")
+KEYS = ("log_temperature", "bias", "loss", "labelled_prob", "labelled_target")
+PANELS = ("log_temperature", "bias", "loss", "labelled_prob")
 
 
 def curves(workdir: str | pathlib.Path) -> dict[str, list[tuple[int, float]]]:
-    """{key: [(step, value), ...]} of t, b and the loss; a fitted initialisation is t, b at step 0."""
+    """{key: [(step, value), ...]} of KEYS; a fitted initialisation is t, b at step 0."""
     out: dict[str, list[tuple[int, float]]] = {k: [] for k in KEYS}
     for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -42,14 +44,17 @@ def plot(runs: dict[str, dict[str, list[tuple[int, float]]]], path: str | pathli
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(KEYS), figsize=(4.2 * len(KEYS), 3.4))
-    for ax, key in zip(axes, KEYS):
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
+    for ax, key in zip(axes, PANELS):
         for name, run in runs.items():
             if run[key]:
                 steps, values = zip(*run[key])
-                ax.plot(steps, values, marker=".", label=name)
+                line, = ax.plot(steps, values, marker=".", label=name)
+                if key == "labelled_prob" and run["labelled_target"]:
+                    ax.plot(*zip(*run["labelled_target"]), linestyle="--", color=line.get_color())
         ax.set(xlabel="step", title={"log_temperature": "t (log scale of the cosines)", "bias": "b",
-                                     "loss": "training loss"}[key])
+                                     "loss": "training loss",
+                                     "labelled_prob": "labelled cells: mean p (-), target (--)"}[key])
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     path = pathlib.Path(path)

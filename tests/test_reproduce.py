@@ -252,12 +252,13 @@ def test_logit_param_curves_read_metrics_and_summarise_the_last_quarter(tmp_path
     run = tmp_path / "bixse"
     run.mkdir()
     records = [{"step": 0, "init/log_temperature": 3.0, "init/bias": -20.0}]
-    records += [{"step": s, "log_temperature": 3.0 + 0.1 * s, "bias": -20.0 + (s if s <= 6 else 6), "loss": 1.0 / s}
-                for s in range(1, 9)]
+    records += [{"step": s, "log_temperature": 3.0 + 0.1 * s, "bias": -20.0 + (s if s <= 6 else 6), "loss": 1.0 / s,
+                 "labelled_prob": 0.05 * s, "labelled_target": 0.5} for s in range(1, 9)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     result = plot.main([str(run), "--out", str(tmp_path / "c.png"), "--json", str(tmp_path / "c.json")])
     t, b = result["bixse"]["log_temperature"], result["bixse"]["bias"]
     assert (t["first"], t["last"]) == (3.0, pytest.approx(3.8)) and t["last_quarter_range"] == pytest.approx(0.2)
     assert (b["first"], b["last"], b["last_quarter_range"]) == (-20.0, -14.0, 0.0)  # steps 6-8: settled
+    assert result["bixse"]["labelled_prob"]["last"] == pytest.approx(0.4) and result["bixse"]["labelled_target"]["first"] == 0.5
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "c.json").read_text()) == result
