@@ -191,9 +191,11 @@ def fit_logistic_jax(scores: jax.Array, targets: jax.Array, mask: jax.Array, sca
     free = jnp.array([fit_scale, fit_bias], jnp.float32)
     steps = jnp.asarray(_LINE_SEARCH, jnp.float32)
 
-    def f(a, b):  # [k] candidates -> [k] sums
-        z = a[:, None, None] * s + b[:, None, None]
-        return jnp.sum(m * (jnp.logaddexp(0.0, z) - y * z), axis=(1, 2))
+    def f(a, b):  # [k] candidates -> [k] sums, one candidate at a time (no [k, rows, B] array)
+        def one(ab):
+            z = ab[0] * s + ab[1]
+            return jnp.sum(m * (jnp.logaddexp(0.0, z) - y * z))
+        return jax.lax.map(one, jnp.stack([a, b], axis=-1))
 
     def newton(_, x):
         p = jax.nn.sigmoid(x[0] * s + x[1])
