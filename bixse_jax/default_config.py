@@ -66,8 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.init_fit_batches = 4  # auto: global batches the fit reads (the run's first ones)
     c.loss.init_fit_rows = 1024  # auto: at most this many rows (queries) of each, against all its documents
     # How t and b follow the encoder while it trains: adam (their own rate, train.logit_params_lr), or
-    # refit (bixse: every step fits them to the step's cells, bixse_jax/logit_init.refit_in_step).
-    c.loss.follow_logit_params = "adam"  # adam | refit
+    # refit (bixse: every step fits them to the step's cells, bixse_jax/logit_init.refit_in_step);
+    # auto: refit for bixse, adam for the losses without its logistic optimum (configs/paper/smollm2.py
+    # uses it; docs/results.md, issue 23).
+    c.loss.follow_logit_params = "adam"  # auto | adam | refit
     c.loss.infonce_threshold = 0.5  # infonce: grades >= this are positives
     c.loss.diagonal_only = False  # ablation: only pair i labels cell (i, i)
     c.loss.binarize_threshold = ml_collections.FieldReference(None, field_type=float)  # ablation

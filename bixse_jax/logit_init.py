@@ -165,8 +165,17 @@ def fit_from_batches(cells_fn: Callable, encoder_params: dict, batches: Iterable
 
 # --- following the encoder: the same fit inside the step -----------------------------------------
 
-FOLLOW_MODES = ("adam", "refit")
+FOLLOW_MODES = ("auto", "adam", "refit")
 _LINE_SEARCH = 2.0 ** -np.arange(12)  # step sizes a Newton step may be cut to
+
+
+def follow_mode(loss_cfg: ml_collections.ConfigDict) -> str:
+    """`loss.follow_logit_params` resolved: `auto` is `refit` for a loss with the logistic optimum
+    (BiXSE) and `adam` for the others (their t and b, if they read them at all, have no such fit)."""
+    check_follow(loss_cfg)
+    if loss_cfg.follow_logit_params == "auto":
+        return "refit" if losses.get(loss_cfg.name).logistic_optimum else "adam"
+    return loss_cfg.follow_logit_params
 
 
 def check_follow(loss_cfg: ml_collections.ConfigDict) -> None:

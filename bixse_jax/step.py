@@ -56,7 +56,7 @@ def objective(params: dict, q: jax.Array, d: jax.Array, batch: Batch, *, loss_cf
     t = params["log_temperature"] if loss_cfg.learn_temperature else jax.lax.stop_gradient(params["log_temperature"])
     b = params["bias"] if loss_cfg.learn_bias else jax.lax.stop_gradient(params["bias"])
     refit = {}
-    if loss_cfg.follow_logit_params == "refit":  # t, b at this encoder's optimum (logit_init.refit_in_step)
+    if logit_init.follow_mode(loss_cfg) == "refit":  # t, b at this encoder's optimum (logit_init.refit_in_step)
         t, b = logit_init.refit_in_step(loss_cfg, t, b, q, d, batch)
         refit = {REFIT_KEYS[0]: t, REFIT_KEYS[1]: b}
     impl = blocked_loss.choose_impl(loss_cfg, mesh, q.shape[0])

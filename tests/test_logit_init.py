@@ -185,3 +185,13 @@ def test_refit_is_refused_for_a_loss_without_the_optimum():
     cfg.name, cfg.follow_logit_params = "bixse", "often"
     with pytest.raises(ConfigError, match="is not one of"):
         step_lib.make_objective(cfg, None)
+
+
+def test_auto_follow_refits_bixse_and_leaves_the_others_to_adam():
+    from bixse_jax.default_config import base_config
+    cfg = base_config().loss
+    cfg.follow_logit_params = "auto"
+    assert logit_init.follow_mode(cfg) == "refit"
+    cfg.name = "infonce"
+    assert logit_init.follow_mode(cfg) == "adam"
+    step_lib.make_objective(cfg, None)  # auto is accepted for a loss without the optimum

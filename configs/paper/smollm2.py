@@ -14,7 +14,9 @@ regime changes:
             72 per TREC-DL fold (~3,000 pairs); warm-up over the first 10%.
   t and b   `loss.init_logit_params=auto` for the BiXSE rows: fitted by logistic regression to the
             starting model's cosines on the first batches (bixse_jax/logit_init.py), not SigLIP's
-            (log 10, -10), which suits thousands of negatives, not 127.
+            (log 10, -10), which suits thousands of negatives, not 127; then refitted the same way
+            inside every step (`loss.follow_logit_params=auto`: refit for BiXSE, Adam for the
+            others), so that t and b follow the encoder (docs/results.md: at Adam's rate they did not).
   logging   every step, so the curves of t and b show whether they settled (metrics.jsonl, TensorBoard).
   rate      a placeholder; experiments/reproduce.py --paper smollm2 --per-loss-lr chooses each
             loss's own on dev data (STS-B dev; nested inside TREC-DL's folds).
@@ -70,5 +72,6 @@ def get_config(arg: str | None = None):
     c.train.warmup_steps = c.train.num_steps // 10
     c.train.learning_rate = 2e-5  # placeholder: the sweep selects each loss's rate on dev data
     c.loss.init_logit_params = "auto"
+    c.loss.follow_logit_params = "auto"
     c.train.log_every = 1  # t and b (and the loss) at every step: watch them settle
     return c
