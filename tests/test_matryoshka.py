@@ -3,8 +3,6 @@ by hand (dense, blocked, ring, gradient caching); evaluators report each prefix;
 export records the dims."""
 
 import json
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,9 +72,9 @@ def _assert_close(got, want):
     assert float(np.abs(want_grads[1]).max()) > 1e-3  # not a comparison of zeros
 
 
-CASES = ([(name, "dense", 1) for name in losses.supporting("dense")]
-         + [(name, "blocked", 1) for name in losses.supporting("blocked")]
-         + [("bixse", "ring", 8), ("infonce", "ring", 8)])
+# The wrapper is the same for every loss; these cover a loss of the logits and one of the cosines
+# (margin_mse) densely, the row form blocked, and a declared ring fold (infonce's online logsumexp).
+CASES = [("bixse", "dense", 1), ("margin_mse", "dense", 1), ("bixse", "blocked", 1), ("infonce", "ring", 8)]
 
 
 @pytest.mark.parametrize("name,impl,devices", CASES)
@@ -126,34 +124,118 @@ def test_bad_settings_name_the_key(dims, weights, message):
     assert message in str(info.value)
 
 
-def test_gradient_caching_equals_plain_backprop(tiny_model_dir):
+def _bag_of_words(encoder_params, ids, mask, rng):
+    """A stand-in encoder for gradient caching: masked sum of a token table, L2-normalised."""
+    x = jnp.sum(encoder_params["table"][ids] * mask[..., None], axis=1)
+    return x / jnp.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_gradient_caching_equals_plain_backprop():
     """The cached step differentiates the same Matryoshka objective: loss, per-dim losses and gradients
-    equal train.py's plain loss fn on 8 devices (the tiny model is 32 wide: prefixes 8, 16, 32)."""
-    from bixse_jax.models import hf_io
-    from bixse_jax.models.encoder import SentenceEncoder
-    config, enc_params, _ = hf_io.load_pretrained(tiny_model_dir, hidden_dropout_prob=0.0)
-    encoder = SentenceEncoder(config)
-    params = {"encoder": enc_params, "log_temperature": jnp.float32(math.log(10.0)), "bias": jnp.float32(-3.0)}
+    equal plain backprop through embed-then-objective, on 8 devices (sub-batches of 8 pairs)."""
     rng = np.random.default_rng(0)
-    batch = {"query_input_ids": rng.integers(1000, 30000, (B, 8)).astype(np.int32),
-             "query_attention_mask": np.ones((B, 8), np.int32),
-             "doc_input_ids": rng.integers(1000, 30000, (B, 12)).astype(np.int32),
-             "doc_attention_mask": (np.arange(12)[None] < rng.integers(3, 13, (B, 1))).astype(np.int32),
-             **_batch()}
-    cfg = _cfg(dims=(8, 16, "full"), weights=(1.0, 0.5, 1.0))
+    params = {"encoder": {"table": jnp.asarray(rng.normal(size=(50, H)), jnp.float32)}, **PARAMS}
+    batch = {"query_input_ids": rng.integers(0, 50, (B, 6)).astype(np.int32),
+             "query_attention_mask": np.ones((B, 6), np.int32),
+             "doc_input_ids": rng.integers(0, 50, (B, 9)).astype(np.int32),
+             "doc_attention_mask": (np.arange(9)[None] < rng.integers(2, 10, (B, 1))).astype(np.int32), **_batch()}
+    cfg = _cfg(dims=DIMS, weights=WEIGHTS)
     key = jax.random.PRNGKey(0)
-    plain = step.make_loss_fn(encoder, cfg, None, use_dropout=False)
+
+    def plain(params, batch, rng):
+        q = _bag_of_words(params["encoder"], batch["query_input_ids"], batch["query_attention_mask"], None)
+        d = _bag_of_words(params["encoder"], batch["doc_input_ids"], batch["doc_attention_mask"], None)
+        return step.make_objective(cfg, None)(params, q, d, batch)
     (want_loss, want_metrics), want = jax.jit(jax.value_and_grad(plain, has_aux=True))(
         params, {k: jnp.asarray(v) for k, v in batch.items()}, key)
     mesh = parallel.make_mesh(8)
-    cached = grad_cache.make_cached_loss_fn(step.make_embed_fn(encoder, False), step.make_objective(cfg, mesh),
-                                            chunk=16, mesh=mesh)
-    (loss, metrics), got = jax.jit(jax.value_and_grad(cached, has_aux=True))(
-        jax.device_put(params, parallel.replicated(mesh)), parallel.global_batch(batch, mesh), key)
+    cached = grad_cache.make_cached_loss_fn(_bag_of_words, step.make_objective(cfg, mesh), chunk=8, mesh=mesh)
+    (loss, metrics), got = jax.device_get(jax.jit(jax.value_and_grad(cached, has_aux=True))(
+        jax.device_put(params, parallel.replicated(mesh)), parallel.global_batch(batch, mesh), key))
     assert float(loss) == pytest.approx(float(want_loss), rel=1e-5)
-    for k in ("loss/dim8", "loss/dim16", "loss/dim32"):
+    for k in ("loss/dim4", "loss/dim8", "loss/dim16"):
         assert float(metrics[k]) == pytest.approx(float(want_metrics[k]), rel=1e-5), k
     scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(want))
-    for g, w in zip(jax.tree.leaves(jax.device_get(got)), jax.tree.leaves(jax.device_get(want))):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(jax.device_get(want))):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * scale)
-    assert abs(float(want["bias"])) > 1e-3
+    assert float(np.abs(want["encoder"]["table"]).max()) > 1e-3 and abs(float(want["bias"])) > 1e-3
+
+
+# --- evaluators, encode --dim, export ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    from bixse_jax.models.sentence_model import load_encoder
+    return load_encoder(tiny_model_dir)
+
+
+def _unit_prefix(x: np.ndarray, k: int) -> np.ndarray:
+    return x[:, :k] / np.linalg.norm(x[:, :k], axis=1, keepdims=True)
+
+
+def test_evaluators_report_each_prefix_and_encode_once(tiny_model, tmp_path, monkeypatch):
+    """dims from the loss (sts) or the evaluator's own (beir); dimK/METRIC equals the metric of the
+    truncated, renormalised embeddings computed by hand; each text list is encoded once for all dims."""
+    import tiny_data
+    from bixse_jax.data import sources
+    from bixse_jax.default_config import evaluator
+    from bixse_jax.eval import evaluate, metrics, registry
+    root = tiny_data.tiny_data_root(tmp_path)
+    config = base_config()
+    config.data.query_max_len = config.data.doc_max_len = 16
+    config.loss.matryoshka_dims = (8, "full")
+    config.evals.sts = evaluator("sts", path=str(root / "stsbenchmark" / "sts-test.csv"), batch_size=64)
+    config.evals.ir = evaluator("beir", path=str(root / "scifact"), dims=(4, 16), ks=(5,), top_k=10, batch_size=64)
+    built = registry.build_all(config, tiny_model)
+    calls = []
+    real = evaluate.encode_texts
+    monkeypatch.setattr(evaluate, "encode_texts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sts = built["sts"].evaluate(tiny_model.params)
+    assert sorted(sts) == ["dim8/pearson", "dim8/spearman", "pearson", "spearman"] and len(calls) == 2
+    pairs = sources.read_sts(root / "stsbenchmark" / "sts-test.csv")
+    enc = registry.text_encoder(config.evals.sts, tiny_model, config)
+    a, b = enc.documents([p.query for p in pairs]), enc.documents([p.document for p in pairs])
+    gold = np.array([p.grade for p in pairs])
+    hand = metrics.spearman(np.sum(_unit_prefix(a, 8) * _unit_prefix(b, 8), axis=1), gold)
+    assert sts["dim8/spearman"] == pytest.approx(hand, abs=1e-9)
+    assert sts["dim8/spearman"] != pytest.approx(sts["spearman"], abs=1e-3)
+    ir = built["ir"].evaluate(tiny_model.params)
+    assert {"dim4/ndcg@5", "dim16/ndcg@5", "ndcg@5"} <= set(ir) and "dim8/ndcg@5" not in ir
+    config.evals.ir.dims = (64,)
+    with pytest.raises(ConfigError, match=r"evals.ir \(beir\): dims=\(64,\).*1..32"):
+        registry.build_all(config, tiny_model)
+
+
+def test_encode_dim_is_the_renormalised_prefix(tiny_model_dir, tmp_path, capsys):
+    from bixse_jax import cli
+    from bixse_jax.commands import encode as encode_cmd
+    (tmp_path / "in.txt").write_text("red cat runs fast\nblue dog sleeps\na small dog\n")
+    common = ["--model", str(tiny_model_dir), "--input", str(tmp_path / "in.txt")]
+    encode_cmd.main(["bixse-jax encode", *common, "--out", str(tmp_path / "full.npy")])
+    encode_cmd.main(["bixse-jax encode", *common, "--out", str(tmp_path / "d8.npy"), "--dim", "8"])
+    out = capsys.readouterr().out
+    info = json.loads(out.strip().splitlines()[-1])
+    assert info["shape"] == [3, 8] and info["dim"] == 8
+    full, d8 = np.load(tmp_path / "full.npy"), np.load(tmp_path / "d8.npy")
+    np.testing.assert_allclose(d8, _unit_prefix(full, 8), rtol=1e-5, atol=1e-6)
+    with pytest.raises(SystemExit):
+        cli.main(["bixse-jax", "encode", *common, "--out", str(tmp_path / "x.npy"), "--dim", "33"])
+    assert "--dim 33 is more than the model's 32 embedding coordinates" in capsys.readouterr().err
+
+
+def test_export_records_the_dims(tiny_model, tmp_path):
+    """bixse.json and the model card carry the dims and `load_encoder` reads them back
+    (tests/interop/test_sentence_transformers.py loads such a folder with truncate_dim)."""
+    import dataclasses
+
+    from bixse_jax import export
+    from bixse_jax.models.sentence_model import load_encoder
+    model = dataclasses.replace(tiny_model, matryoshka_dims=(8, 16, 32))
+    out = export.export_model(model, tmp_path / "st", "sentence-transformers")
+    assert json.loads((out / "bixse.json").read_text())["matryoshka_dims"] == [8, 16, 32]
+    card = (out / "README.md").read_text()
+    assert "- matryoshka" in card and "truncate_dim=8" in card and "## Matryoshka dimensions" in card
+    assert load_encoder(out).matryoshka_dims == (8, 16, 32)
+    plain = export.export_model(tiny_model, tmp_path / "plain", "sentence-transformers")
+    assert json.loads((plain / "bixse.json").read_text())["matryoshka_dims"] is None
+    assert "matryoshka" not in (plain / "README.md").read_text().lower()
