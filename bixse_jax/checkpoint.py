@@ -29,6 +29,7 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 
+from bixse_jax import matryoshka
 from bixse_jax.errors import UserError
 from bixse_jax.models.architectures import param_shapes
 from bixse_jax.models.sentence_model import SentenceModel, load_encoder
@@ -192,7 +193,9 @@ def restore_model(workdir: str | os.PathLike, step: int | None = None) -> Senten
         log_temperature=float(np.float32(params["log_temperature"])), bias=float(np.float32(params["bias"])),
         query_max_len=int(cfg["data"]["query_max_len"]), doc_max_len=int(cfg["data"]["doc_max_len"]),
         source={"workdir": str(root), "step": int(step), "base_model": model_cfg["name_or_path"],
-                "loss": (cfg.get("loss") or {}).get("name")})
+                "loss": (cfg.get("loss") or {}).get("name")},
+        matryoshka_dims=matryoshka.resolve_dims((cfg.get("loss") or {}).get("matryoshka_dims") or (),
+                                                base.config.hidden_size))
 
 
 def _restore_params(manager: ocp.CheckpointManager, root: epath.Path, base: SentenceModel, base_name: str,

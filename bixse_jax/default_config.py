@@ -79,6 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
     # one block, then ring on a mesh of several devices, else blocked (dense for losses without the others).
     c.loss.impl = "auto"  # auto | dense | blocked | ring
     c.loss.block_size = 1024  # rows per block (blocked) or per chunk of a device's rows (ring); any size, padded
+    # Matryoshka (bixse_jax/matryoshka.py): the loss on each prefix of the embedding (renormalised), summed
+    # with the weights (empty: 1 each), e.g. (64, 128, 256, "full"); one t and b for all; (): off.
+    c.loss.matryoshka_dims = ()
+    c.loss.matryoshka_weights = ()
 
     c.train = ml_collections.ConfigDict()
     c.train.global_batch_size = 32
@@ -138,6 +142,7 @@ def evaluator(kind: str, **overrides) -> ml_collections.ConfigDict:
     e.batch_size = 128  # texts per encoding call
     e.top_k = 100  # beir: documents retrieved per query (at least max(ks)); rerank with a run file: its depth
     e.ks = (10, 100)  # cut-offs of nDCG@k and Recall@k
+    e.dims = ()  # Matryoshka: also report metrics of these prefix sizes as dimK/METRIC; (): loss.matryoshka_dims
     unknown = sorted(set(overrides) - set(e.keys()))
     if unknown:
         raise KeyError(f"evaluator keys {unknown} are not among {sorted(e.keys())}")

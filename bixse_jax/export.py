@@ -20,8 +20,8 @@ that pads on the right with a named pad token, and appends eos if the model was 
 model.append_eos). `hf-flax` refuses them: transformers' Flax Llama exists in 4.x only (no Flax
 Qwen2 / Qwen3; transformers 5 has no Flax). Nor is a model trained with model.bidirectional
 exported: transformers would run it causally and embed differently.
-All add bixse.json (pooling, normalisation, query prompt, lengths, t and b, provenance) for `load_encoder`,
-and README.md, a model card (bixse_jax/model_card.py): a folder the hub's upload command takes as it is.
+All add bixse.json (pooling, normalisation, query prompt, lengths, t, b, Matryoshka dims, provenance) for
+`load_encoder`, and README.md, a model card (bixse_jax/model_card.py): a folder the hub's upload command takes as it is.
 
 A folder is written into a hidden sibling and renamed into place when complete: a failed export
 leaves nothing half-written, and `overwrite` replaces an old export only once the new one is done.
@@ -290,7 +290,7 @@ def _sidecar(model: SentenceModel, fmt: str, pooler_origin: str) -> dict[str, An
         "log_temperature": t,
         "bias": b,
         "relevance": "sigmoid(exp(log_temperature) * cos(query, doc) + bias)" if t is not None else None,
-        "pooler": pooler_origin,
+        "matryoshka_dims": list(model.matryoshka_dims) or None, "pooler": pooler_origin,
         "source": model.source,
     }
 

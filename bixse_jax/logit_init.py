@@ -183,6 +183,11 @@ def check_follow(loss_cfg: ml_collections.ConfigDict) -> None:
     mode = loss_cfg.follow_logit_params
     if mode not in FOLLOW_MODES:
         raise ConfigError(f"loss.follow_logit_params {mode!r} is not one of {FOLLOW_MODES}")
+    if (mode in ("refit", "auto") and losses.get(loss_cfg.name).logistic_optimum
+            and tuple(loss_cfg.get("matryoshka_dims", ()))):
+        raise ConfigError(f"loss.follow_logit_params={mode!r} refits t and b on one width; with "
+                          f"loss.matryoshka_dims={tuple(loss_cfg.matryoshka_dims)} (one t and b for all prefixes) "
+                          "use 'adam'")
     if mode == "refit" and not losses.get(loss_cfg.name).logistic_optimum:
         raise ConfigError(f"loss.follow_logit_params='refit' fits BiXSE's sigmoid BCE over (t, b); loss.name="
                           f"{loss_cfg.name!r} has no such optimum (softmax and pairwise losses ignore b): use 'adam'")

@@ -50,10 +50,12 @@ def build(model: SentenceModel, fmt: str):
     tags = ["bixse-jax", "sentence-transformers", "sentence-similarity", "feature-extraction", "dense-retrieval"]
     if config:
         tags.append(f"loss:{config['loss']['name']}")
+    if model.matryoshka_dims:
+        tags.append("matryoshka")
     data = ModelCardData(base_model=hub_id(base), library_name=_LIBRARY[fmt], pipeline_tag=_PIPELINE[fmt],
                          tags=tags, model_name=name, eval_results=results or None)
     sections = [f"# {name}", _intro(model, config, base, __version__), _relevance(model), _usage(model, fmt),
-                _training(model, config, summary), _evaluation(config, summary), _settings(model)]
+                _matryoshka(model, fmt), _training(model, config, summary), _evaluation(config, summary), _settings(model)]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(s for s in sections if s) + "\n")
 
 
@@ -143,6 +145,24 @@ def _usage(model: SentenceModel, fmt: str) -> str:
               'model = bixse_jax.load_encoder("PATH")',
               'p = bixse_jax.predict_relevance(model, ["how long do cats sleep?"], ["Cats sleep 12 to 16 hours a day."])',
               "```"]
+    return "\n".join(lines)
+
+
+def _matryoshka(model: SentenceModel, fmt: str) -> str | None:
+    """Which prefixes were trained to work alone (loss.matryoshka_dims), and how to load them."""
+    dims = model.matryoshka_dims
+    if not dims:
+        return None
+    small = dims[0]
+    lines = ["## Matryoshka dimensions", "",
+             f"Trained so that the first {', '.join(map(str, dims))} coordinates of each embedding work on their own "
+             f"(the loss summed over those prefixes{', each renormalised' if model.settings.normalize else ''}, with one "
+             "t and b for all of them: the relevance probability above is the one training fitted at every size). "
+             "`bixse.json` lists them as `matryoshka_dims`.", ""]
+    if fmt == "sentence-transformers":
+        lines += ["```python", f'model = SentenceTransformer("PATH", truncate_dim={small})  # {small}-dimensional', "```",
+                  ""]
+    lines += [f"With bixse-jax: `bixse-jax encode --model PATH --input texts.txt --out e.npy --dim {small}`."]
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bixse_jax import blocked_loss, cell_stats, logit_init, losses, parallel
+from bixse_jax import blocked_loss, cell_stats, logit_init, losses, matryoshka, parallel
 from bixse_jax.errors import ConfigError
 from bixse_jax.models.encoder import SentenceEncoder
 from bixse_jax.targets import batch_targets
@@ -86,7 +86,7 @@ def loss_fn(params: dict, batch: Batch, rng: jax.Array, *, encoder: SentenceEnco
     q_rng, d_rng = jax.random.split(rng)
     q = embed(encoder, use_dropout, params["encoder"], batch["query_input_ids"], batch["query_attention_mask"], q_rng)
     d = embed(encoder, use_dropout, params["encoder"], batch["doc_input_ids"], batch["doc_attention_mask"], d_rng)
-    return objective(params, q, d, batch, loss_cfg=loss_cfg, mesh=mesh)
+    return make_objective(loss_cfg, mesh, encoder.normalize)(params, q, d, batch)
 
 
 # --- the step ------------------------------------------------------------------------------------
@@ -120,12 +120,15 @@ def make_embed_fn(encoder: SentenceEncoder, use_dropout: bool) -> Callable[..., 
     return functools.partial(embed, encoder, use_dropout)
 
 
-def make_objective(loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None) -> Callable[..., tuple[jax.Array, Metrics]]:
-    """`objective` bound to a loss config: (params, q, d, batch) -> (loss, metrics)."""
+def make_objective(loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None,
+                   normalize: bool = True) -> Callable[..., tuple[jax.Array, Metrics]]:
+    """`objective` bound to a loss config: (params, q, d, batch) -> (loss, metrics); summed over the
+    embeddings' prefixes with `loss.matryoshka_dims` (matryoshka.py; `normalize`: the encoder's, so
+    prefixes are renormalised as its embeddings are)."""
     losses.get(loss_cfg.name)  # ConfigError for a name no loss is registered under
     logit_init.check_follow(loss_cfg)
     blocked_loss.check_impl(loss_cfg, mesh)
-    return functools.partial(objective, loss_cfg=loss_cfg, mesh=mesh)
+    return matryoshka.wrap_objective(functools.partial(objective, loss_cfg=loss_cfg, mesh=mesh), loss_cfg, normalize)
 
 
 def make_loss_fn(encoder: SentenceEncoder, loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None,

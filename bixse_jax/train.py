@@ -22,7 +22,7 @@ from absl import logging
 from etils import epath
 from tqdm import tqdm
 
-from bixse_jax import checkpoint, experiment, grad_cache, logit_init, parallel, step as step_lib
+from bixse_jax import checkpoint, experiment, grad_cache, logit_init, matryoshka, parallel, step as step_lib
 from bixse_jax.data.prefetch import Prefetcher
 from bixse_jax.errors import ConfigError
 from bixse_jax.metric_writers import MetricsWriter
@@ -90,6 +90,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     logit_init.check(config.loss)
     model = experiment.load_model(config.model)
     experiment.check_lengths(config, model)
+    matryoshka.check(config.loss, model.config.hidden_size)
     pairs = experiment.load_train_pairs(config.data)
     batcher = experiment.make_batcher(config, model, pairs)
     evaluators = experiment.make_evaluators(config, model)
@@ -101,7 +102,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     use_dropout = model.encoder.config.hidden_dropout_prob > 0
     if chunk:  # gradient caching: embed in sub-batches, backprop twice
         loss_fn = grad_cache.make_cached_loss_fn(step_lib.make_embed_fn(model.encoder, use_dropout),
-                                                 step_lib.make_objective(config.loss, mesh), chunk=chunk, mesh=mesh,
+                                                 step_lib.make_objective(config.loss, mesh, model.encoder.normalize),
+                                                 chunk=chunk, mesh=mesh,
                                                  encoder_specs=grad_cache.param_specs(state.params["encoder"]))
     else:
         loss_fn = step_lib.make_loss_fn(model.encoder, config.loss, mesh, use_dropout)

@@ -19,7 +19,7 @@ STAGES = [
     ("parallel", ("bixse_jax.parallel",)),
     ("config", ("bixse_jax.default_config",)),
     ("models", ("bixse_jax.models.",)),
-    ("targets and losses", ("bixse_jax.targets", "bixse_jax.losses")),
+    ("targets and losses", ("bixse_jax.targets", "bixse_jax.losses", "bixse_jax.matryoshka")),
     ("blocked loss", ("bixse_jax.blocked_loss",)),
     ("step", ("bixse_jax.step",)),
     ("grad_cache", ("bixse_jax.grad_cache",)),

@@ -195,3 +195,11 @@ def test_auto_follow_refits_bixse_and_leaves_the_others_to_adam():
     cfg.name = "infonce"
     assert logit_init.follow_mode(cfg) == "adam"
     step_lib.make_objective(cfg, None)  # auto is accepted for a loss without the optimum
+
+
+def test_refit_with_matryoshka_prefixes_is_refused():
+    from bixse_jax.default_config import base_config
+    cfg = base_config().loss
+    cfg.follow_logit_params, cfg.matryoshka_dims = "auto", (4, "full")
+    with pytest.raises(ConfigError, match="matryoshka_dims"):
+        logit_init.check_follow(cfg)

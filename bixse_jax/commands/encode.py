@@ -1,13 +1,16 @@
-"""`bixse-jax encode --model PATH --input FILE --out FILE.npy [--query] [--max-len N] [--batch-size N]`.
+"""`bixse-jax encode --model PATH --input FILE --out FILE.npy [--query] [--dim N] [--max-len N] [--batch-size N]`.
 
 FILE is `.txt` (one text per line) or `.jsonl` (objects with "text" and optional "title", joined
 as "title text" like BEIR corpora). Writes a float32 [N, H] array in input order. `--query`
 encodes the texts as queries: the model's query prompt is prepended and the query length applies.
+`--dim N` keeps each embedding's first N coordinates, back to unit length when the model normalises
+(a Matryoshka model, trained with loss.matryoshka_dims, is made to work so): [N, dim].
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 
@@ -15,6 +18,7 @@ import numpy as np
 
 from bixse_jax.commands.eval import add_model_flags, load_encoder
 from bixse_jax.data.sources import DataError, parse_json_object, read_lines
+from bixse_jax.errors import UserError
 
 
 def read_texts(path: str | pathlib.Path) -> list[str]:
@@ -52,13 +56,21 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--input", required=True, help=".txt (one text per line) or .jsonl (text, title)")
     parser.add_argument("--out", required=True, help="output .npy file, float32 [N, H]")
     parser.add_argument("--query", action="store_true", help="encode as queries (query prompt, query length)")
+    parser.add_argument("--dim", type=int, default=None,
+                        help="Matryoshka: keep the first N coordinates, renormalised (default: all)")
     args = parser.parse_args(argv[1:])
+    if args.dim is not None and args.dim < 1:
+        raise UserError(f"--dim must be >= 1, got {args.dim}")
     texts = read_texts(args.input)  # before the model loads: bad input fails fast
     enc = load_encoder(args)
+    width = enc.encoder.config.hidden_size
+    if args.dim is not None and args.dim > width:
+        raise UserError(f"--dim {args.dim} is more than the model's {width} embedding coordinates")
+    enc = dataclasses.replace(enc, dim=args.dim)
     emb = enc.queries(texts) if args.query else enc.documents(texts)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("wb") as f:  # exactly this path (np.save on a name would append .npy)
         np.save(f, emb.astype(np.float32))
-    print(json.dumps({"out": str(out), "shape": list(emb.shape), "query": args.query,
+    print(json.dumps({"out": str(out), "shape": list(emb.shape), "query": args.query, "dim": args.dim,
                       "max_len": enc.query_max_len if args.query else enc.doc_max_len}))

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from jax.sharding import Mesh
 
 from bixse_jax.data.tokenizer import Tokenizer
-from bixse_jax import checkpoint
+from bixse_jax import checkpoint, matryoshka
 from bixse_jax.data.sources import GradedPair
 from bixse_jax.errors import UserError
 from bixse_jax.eval import calibration, metrics
@@ -54,6 +54,8 @@ class TextEncoder:
     source: str = ""  # what was loaded, for reports
     log_temperature: float | None = None  # the model's learned t and b (a workdir's, an export's bixse.json)
     bias: float | None = None
+    dim: int | None = None  # Matryoshka: embeddings cut to their first `dim` coordinates (None: whole)
+    memo: dict | None = dataclasses.field(default=None, compare=False, repr=False)  # texts -> whole embeddings
 
     def queries(self, texts: Sequence[str]) -> np.ndarray:
         return self._encode(texts, self.query_max_len, self.query_prefix)
@@ -62,12 +64,33 @@ class TextEncoder:
         return self._encode(texts, self.doc_max_len, "")
 
     def with_params(self, params: dict) -> "TextEncoder":
-        return dataclasses.replace(self, params=params)
+        return dataclasses.replace(self, params=params, memo=None)
 
     def _encode(self, texts: Sequence[str], max_len: int, prefix: str) -> np.ndarray:
-        return encode_texts(self.encoder, self.params, self.tokenizer, list(texts), max_len=max_len,
-                            batch_size=self.batch_size, mesh=self.mesh, prefix=prefix,
-                            show_progress=self.show_progress)
+        key = (max_len, prefix, tuple(texts))
+        full = None if self.memo is None else self.memo.get(key)
+        if full is None:
+            full = encode_texts(self.encoder, self.params, self.tokenizer, list(texts), max_len=max_len,
+                                batch_size=self.batch_size, mesh=self.mesh, prefix=prefix,
+                                show_progress=self.show_progress)
+            if self.memo is not None:
+                self.memo[key] = full
+        return matryoshka.truncate(full, self.dim, self.encoder.normalize)
+
+
+def per_dimension(evaluate_one: Callable[[TextEncoder], dict[str, float]], enc: TextEncoder,
+                  dims: Sequence[int] = ()) -> dict[str, float]:
+    """`evaluate_one`'s metrics of the whole embedding, and of each narrower prefix in `dims` as
+    `dimK/METRIC` (Matryoshka: first K coordinates, renormalised); every text is encoded once."""
+    if not dims:
+        return evaluate_one(enc)
+    memo: dict = {}
+    out = evaluate_one(dataclasses.replace(enc, dim=None, memo=memo))
+    for dim in dims:
+        if dim < enc.encoder.config.hidden_size:
+            narrow = evaluate_one(dataclasses.replace(enc, dim=dim, memo=memo))
+            out |= {f"dim{dim}/{name}": value for name, value in narrow.items()}
+    return out
 
 
 # ----------------------------------------------------------------------------

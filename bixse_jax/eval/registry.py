@@ -7,6 +7,10 @@ evaluators of judged pairs (sts, rerank) also report the ECE and Brier score of 
 probabilities sigmoid(exp(t) cos + b), so every run's calibration is recorded with its ranking. A new kind is a function decorated with
 `@register("KIND")` here, plus its name in default_config.EVAL_KINDS.
 
+Matryoshka: an evaluator with `dims` (or, without, in a run with `loss.matryoshka_dims`) also reports
+each narrower prefix's metrics as `dimK/METRIC` (eval/NAME/dimK/METRIC in TensorBoard), the texts
+encoded once for all prefixes (evaluate.per_dimension).
+
 Cross-validation: with `data.folds`, a beir / rerank evaluator of the training data's own folder
 and split scores only the held-out fold's queries; one of another split or folder (SciFact's test
 split while folds of its train split are trained on) scores all of its queries.
@@ -20,6 +24,7 @@ from typing import Callable
 
 import ml_collections
 
+from bixse_jax import matryoshka
 from bixse_jax.data import folds, sources
 from bixse_jax.default_config import EVAL_KINDS, evaluator as schema_entry
 from bixse_jax.errors import ConfigError, UserError
@@ -83,14 +88,23 @@ def text_encoder(entry: ml_collections.ConfigDict, model: SentenceModel,
                                 query_prefix=config.model.query_prefix, batch_size=entry.batch_size)
 
 
+def dims(entry: ml_collections.ConfigDict, model: SentenceModel, config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The prefix sizes an evaluator also reports (`dimK/METRIC`): its own `dims`, else the loss's
+    `matryoshka_dims`; () for the whole embedding alone."""
+    chosen = tuple(entry.dims) or tuple(config.loss.matryoshka_dims)
+    return matryoshka.resolve_dims(chosen, model.config.hidden_size, where="dims" if entry.dims else
+                                   "loss.matryoshka_dims")
+
+
 @register("sts")
 def build_sts(entry, model, config) -> Evaluator:
     """Spearman and Pearson of cosine similarity on an STS Benchmark file (`path`)."""
     if not entry.path:
         raise ConfigError("needs path=STS_FILE")
     pairs = sources.read_sts(entry.path)
-    enc = text_encoder(entry, model, config)
-    return lambda params, logit_params=None: evaluate.evaluate_sts(enc.with_params(params), pairs, logit_params)
+    enc, at = text_encoder(entry, model, config), dims(entry, model, config)
+    return lambda params, logit_params=None: evaluate.per_dimension(
+        lambda e: evaluate.evaluate_sts(e, pairs, logit_params), enc.with_params(params), at)
 
 
 def _beir_data(entry, config):
@@ -121,11 +135,12 @@ def _same_split(data: ml_collections.ConfigDict, entry: ml_collections.ConfigDic
 def build_retrieval(entry, model, config) -> Evaluator:
     """nDCG@k, Recall@k, MRR@10 and MAP of exact retrieval over the whole corpus (demo: the generated one)."""
     queries, corpus, qrels = _beir_data(entry, config)
-    enc = text_encoder(entry, model, config)
+    enc, at = text_encoder(entry, model, config), dims(entry, model, config)
     ks = tuple(entry.ks)
     top_k = max(entry.top_k, *ks)
-    return lambda params, logit_params=None: evaluate.evaluate_retrieval(  # unjudged pairs: no calibration
-        enc.with_params(params), queries, corpus, qrels, ks=ks, top_k=top_k)[0]
+    return lambda params, logit_params=None: evaluate.per_dimension(  # unjudged pairs: no calibration
+        lambda e: evaluate.evaluate_retrieval(e, queries, corpus, qrels, ks=ks, top_k=top_k)[0],
+        enc.with_params(params), at)
 
 
 @register("rerank")
@@ -139,7 +154,8 @@ def build_rerank(entry, model, config) -> Evaluator:
         raise ConfigError("run_file must be 'qrels' (each query's judged pool) or a TREC run file")
     else:
         pools, _ = evaluate.run_pool(run_files.read_run(entry.run_file), corpus, depth=entry.top_k)
-    enc = text_encoder(entry, model, config)
+    enc, at = text_encoder(entry, model, config), dims(entry, model, config)
     ks = tuple(entry.ks)
-    return lambda params, logit_params=None: evaluate.evaluate_rerank(
-        enc.with_params(params), queries, corpus, qrels, pools, ks=ks, logit_params=logit_params)[0]
+    return lambda params, logit_params=None: evaluate.per_dimension(
+        lambda e: evaluate.evaluate_rerank(e, queries, corpus, qrels, pools, ks=ks, logit_params=logit_params)[0],
+        enc.with_params(params), at)

@@ -5,7 +5,7 @@
   max_length(m, ...)   the token limit for queries or documents
 
 An exported folder carries bixse.json (written by bixse_jax.export): pooling, normalisation, the
-query prompt, the training lengths and t, b; `read_sidecar` checks it field by field.
+query prompt, the training lengths, t, b and the Matryoshka dims; `read_sidecar` checks it field by field.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class SentenceModel:
     query_max_len: int | None = None
     doc_max_len: int | None = None
     source: dict[str, Any] = dataclasses.field(default_factory=dict)
+    matryoshka_dims: tuple[int, ...] = ()  # prefix sizes trained to work alone (loss.matryoshka_dims); (): none
 
     @property
     def config(self) -> architectures.ModelConfig:
@@ -85,7 +86,7 @@ def load_encoder(name_or_path: str | os.PathLike, *, pooling: str | None = None,
         params=params, tokenizer=tokenizer, model_dir=model_dir, settings=settings,
         log_temperature=sidecar.get("log_temperature"), bias=sidecar.get("bias"),
         query_max_len=sidecar.get("query_max_len"), doc_max_len=sidecar.get("doc_max_len"),
-        source={"model": str(name_or_path)})
+        source={"model": str(name_or_path)}, matryoshka_dims=sidecar.get("matryoshka_dims") or ())
 
 
 def read_sidecar(model_dir: pathlib.Path) -> dict[str, Any]:
@@ -115,6 +116,11 @@ def read_sidecar(model_dir: pathlib.Path) -> dict[str, Any]:
            "doc_max_len": field("doc_max_len", (int,), optional=True),
            "log_temperature": field("log_temperature", (int, float), optional=True),
            "bias": field("bias", (int, float), optional=True)}
+    dims = data.get("matryoshka_dims")
+    if dims is not None and not (isinstance(dims, list) and all(type(d) is int and d > 0 for d in dims)):
+        raise hf_io.ModelLoadError(f"{path}: field 'matryoshka_dims' must be a list of positive ints or null, "
+                                   f"got {dims!r}")
+    out["matryoshka_dims"] = tuple(dims or ())
     if out["pooling"] not in POOLING_MODES:
         raise hf_io.ModelLoadError(f"{path}: field 'pooling' must be one of {POOLING_MODES}, got {out['pooling']!r}")
     return out

@@ -89,3 +89,20 @@ def test_minilm_zero_shot_export(minilm_path, tmp_path):
     ours = bixse_jax.encode(minilm, TEXTS)
     _report("all-MiniLM-L6-v2 export vs bixse-jax", float(np.abs(exported - ours).max()))
     _report("all-MiniLM-L6-v2 export vs the original folder", float(np.abs(exported - original).max()))
+
+
+def test_matryoshka_export_loads_with_truncate_dim(tiny_model_dir, tmp_path):
+    """SentenceTransformer(folder, truncate_dim=K) gives the first K coordinates of bixse-jax's embedding
+    (cut after its Normalize module), and its cosine is bixse-jax's `encode --dim K` cosine."""
+    import dataclasses
+
+    from bixse_jax import export, matryoshka
+    model = dataclasses.replace(bixse_jax.load_encoder(tiny_model_dir), matryoshka_dims=(8, 16, 32))
+    out = export.export_model(model, tmp_path / "st", "sentence-transformers")
+    st = sentence_transformers.SentenceTransformer(str(out), device="cpu", truncate_dim=8)
+    got = np.asarray(st.encode(TEXTS, convert_to_numpy=True), np.float32)
+    ours = bixse_jax.encode(bixse_jax.load_encoder(out), TEXTS)
+    assert got.shape == (len(TEXTS), 8)
+    _report("Matryoshka export, truncate_dim=8", float(np.abs(got - ours[:, :8]).max()))
+    prefix = matryoshka.truncate(ours, 8)
+    _report("Matryoshka export, truncate_dim=8 cosines", float(np.abs(np.asarray(st.similarity(got, got)) - prefix @ prefix.T).max()))
