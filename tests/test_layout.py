@@ -19,11 +19,11 @@ STAGES = [
     ("parallel", ("bixse_jax.parallel",)),
     ("config", ("bixse_jax.default_config",)),
     ("models", ("bixse_jax.models.",)),
-    ("targets and losses", ("bixse_jax.targets", "bixse_jax.losses", "bixse_jax.matryoshka")),
+    ("targets and losses", ("bixse_jax.targets", "bixse_jax.losses", "bixse_jax.matryoshka", "bixse_jax.cell_stats")),
+    ("logit init", ("bixse_jax.logit_init",)),  # the fit of t and b: before the training step, which refits them
     ("blocked loss", ("bixse_jax.blocked_loss",)),
     ("step", ("bixse_jax.step",)),
     ("grad_cache", ("bixse_jax.grad_cache",)),
-    ("logit init", ("bixse_jax.logit_init",)),
     ("checkpoint", ("bixse_jax.checkpoint",)),
     ("eval and inference", ("bixse_jax.eval.", "bixse_jax.inference")),
     ("label", ("bixse_jax.label.",)),
