@@ -86,7 +86,7 @@ def test_paper_configs_hold_the_recorded_runs_settings():
     trec = repro.build_config(repro.Cell("trecdl", "BiXSE", 1, 1e-4, "test", fold=2), "DATA", "M").to_dict()
     assert trec["evals"] == {"test": {"kind": "rerank", "run_file": "qrels", "path": "DATA/trec-dl19", "split": "test",
                                       "skip_missing_docs": True, "every_steps": 0, "before_training": False,
-                                      "batch_size": 128, "top_k": 100, "ks": (10, 100)}}
+                                      "batch_size": 128, "top_k": 100, "ks": (10, 100), "dims": ()}}
     assert trec["data"]["path"] == "DATA/trec-dl19" and trec["data"]["max_grade"] == 3.0
     assert trec["data"]["skip_missing_docs"] and (trec["data"]["folds"], trec["data"]["fold"]) == (5, 2)
     assert trec["train"]["checkpoint_every"] == 0 and trec["seed"] == 1
