@@ -123,25 +123,37 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-EVAL_KINDS = ("demo", "beir", "rerank", "sts", "none")
+# The keys every evaluator reads (when and how it encodes), and those each kind reads besides: a
+# builder is handed only its own (eval/registry.py), and a key its kind ignores must stay at its default.
+COMMON_EVAL_KEYS = ("kind", "every_steps", "before_training", "batch_size")
+EVAL_KEYS = {
+    "demo": ("top_k", "ks", "dims"),
+    "beir": ("path", "split", "skip_missing_docs", "top_k", "ks", "dims"),
+    "rerank": ("path", "split", "run_file", "skip_missing_docs", "top_k", "ks", "dims"),
+    "sts": ("path", "dims"),
+    "none": (),  # switched off: reads nothing, so nothing it holds is checked
+}
+EVAL_KINDS = tuple(EVAL_KEYS)
 
 
 def evaluator(kind: str, **overrides) -> ml_collections.ConfigDict:
-    """One entry of `config.evals`: the full key set (so every key can be overridden from the command
-    line), with `overrides` applied. Values may be FieldReferences, e.g. `c.get_ref("data_dir")`."""
+    """One entry of `config.evals`: every kind's keys, at their defaults (so that the command line can
+    switch an entry's kind and set the new kind's keys), with `overrides` applied; the keys its kind
+    does not read are refused when training builds it. Values may be FieldReferences, e.g.
+    `c.get_ref("data_dir")`."""
     if kind not in EVAL_KINDS:
         raise ConfigError(f"evaluator kind {kind!r} is not one of {EVAL_KINDS}")
     e = ml_collections.ConfigDict()
     e.kind = kind  # demo | beir | rerank | sts | none (off: skipped, its data never read)
-    e.path = ""  # beir / rerank: BEIR folder; sts: the CSV file; demo: unused (the generated eval set)
+    e.path = ""  # beir / rerank: BEIR folder; sts: the CSV file
     e.split = "test"  # beir / rerank: qrels/SPLIT.tsv
     e.run_file = "qrels"  # rerank: a TREC run's candidates, or "qrels" for each query's judged pool
     e.skip_missing_docs = False  # beir / rerank: True drops judgments of documents without text (False: qrels as given, as trec_eval)
     e.every_steps = 0  # also evaluate every N steps during training (0: only before and after)
     e.before_training = True  # False: skip the evaluation of the untrained model (sweeps compute it once)
     e.batch_size = 128  # texts per encoding call
-    e.top_k = 100  # beir: documents retrieved per query (at least max(ks)); rerank with a run file: its depth
-    e.ks = (10, 100)  # cut-offs of nDCG@k and Recall@k
+    e.top_k = 100  # beir / demo: documents retrieved per query (at least max(ks)); rerank with a run file: its depth
+    e.ks = (10, 100)  # beir / demo / rerank: cut-offs of nDCG@k and Recall@k
     e.dims = ()  # Matryoshka: also report metrics of these prefix sizes as dimK/METRIC; (): loss.matryoshka_dims
     unknown = sorted(set(overrides) - set(e.keys()))
     if unknown:
@@ -149,3 +161,25 @@ def evaluator(kind: str, **overrides) -> ml_collections.ConfigDict:
     for key, value in overrides.items():
         e[key] = value
     return e
+
+
+def evaluator_keys(entry: ml_collections.ConfigDict, where: str) -> ml_collections.ConfigDict:
+    """The keys of `entry` its kind reads, as a locked ConfigDict (reading another raises); a
+    ConfigError names any other key moved from its default, which its kind would silently ignore."""
+    kind = entry.kind
+    own = COMMON_EVAL_KEYS + EVAL_KEYS[kind]
+    defaults = evaluator(kind)
+    ignored = [k for k in entry.keys() if k not in own and _plain(entry[k]) != _plain(defaults[k])]
+    if ignored:
+        readers = {k: [other for other, keys in EVAL_KEYS.items() if k in keys] for k in ignored}
+        said = "; ".join(f"{where}.{k} = {entry[k]!r} (read by {' / '.join(readers[k])} evaluators)"
+                         for k in ignored)
+        raise ConfigError(f"{where}: kind {kind} reads {', '.join(EVAL_KEYS[kind]) or 'no data keys'}, "
+                          f"not {said}; leave them at their defaults or change the kind")
+    out = ml_collections.ConfigDict({k: entry[k] for k in own})
+    out.lock()
+    return out
+
+
+def _plain(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value

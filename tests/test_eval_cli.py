@@ -442,9 +442,12 @@ def test_training_evaluators_by_kind_match_the_cli_functions(tiny_model_dir, tin
     config.evals.pool.kind = "nope"
     with pytest.raises(ValueError, match="evals.pool.kind 'nope' is not one of .*'rerank'"):
         experiment.make_evaluators(config, model)
-    config.evals.pool.kind = "sts"
+    config.evals.pool.kind = "sts"  # the rerank keys it kept are not read by sts: refused, each named
+    with pytest.raises(ValueError, match=r"evals.pool: kind sts reads path, dims, not evals.pool.ks = \(5, 20\) "
+                                         r"\(read by demo / beir / rerank evaluators\); evals.pool.skip_missing_docs = True"):
+        experiment.make_evaluators(config, model)
+    config.evals.pool = evaluator("sts")
     with pytest.raises(ValueError, match=r"evals.pool \(sts\): needs path=STS_FILE"):
-        config.evals.pool.path = ""
         experiment.make_evaluators(config, model)
     del config.evals["pool"]
     config.evals.bare = ml_collections.ConfigDict({"kind": "beir", "path": str(beir_dir), "spilt": "test"})
@@ -452,6 +455,34 @@ def test_training_evaluators_by_kind_match_the_cli_functions(tiny_model_dir, tin
         experiment.make_evaluators(config, model)
     with pytest.raises(KeyError, match="spilt"):
         evaluator("beir", spilt="test")
+
+
+def test_each_evaluator_is_handed_only_the_keys_its_kind_reads(tiny_model_dir, beir_dir, monkeypatch):
+    from bixse_jax import default_config, experiment
+    from bixse_jax.eval import registry
+
+    assert set(registry.BUILDERS) == set(default_config.EVAL_KINDS) - {"none"}  # every kind has a builder
+    seen = {}
+
+    def spy(kind):
+        def build(entry, model, config):
+            seen[kind] = entry
+            return lambda params, logit_params=None: {}
+        return build
+
+    for kind in registry.BUILDERS:
+        monkeypatch.setitem(registry.BUILDERS, kind, spy(kind))
+    config = _tiny_config(tiny_model_dir, beir_dir)
+    config.evals.held_out = evaluator("rerank", path=str(beir_dir), run_file="run.trec", top_k=7)
+    config.evals.sts = evaluator("sts", path="sts.csv", batch_size=8)
+    config.evals.off = evaluator("none", run_file="anything")  # switched off: nothing in it is checked
+    experiment.make_evaluators(config, experiment.load_model(config.model))
+    assert set(seen) == {"rerank", "sts"}
+    assert set(seen["sts"].keys()) == {"kind", "every_steps", "before_training", "batch_size", "path", "dims"}
+    assert (seen["sts"].path, seen["sts"].batch_size) == ("sts.csv", 8)
+    with pytest.raises(AttributeError):
+        seen["sts"].run_file  # noqa: B018 (another kind's key cannot be read by mistake)
+    assert (seen["rerank"].run_file, seen["rerank"].top_k) == ("run.trec", 7)
 
 
 def test_evaluators_of_judged_pairs_report_calibration_at_the_runs_t_and_b(tiny_model_dir, tiny_enc, beir_dir,

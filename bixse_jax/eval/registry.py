@@ -4,8 +4,12 @@ A builder reads and validates its data once (so a bad path fails before training
 and returns a function of the encoder's parameters that only encodes and scores, through the same
 functions as `bixse-jax eval` (bixse_jax.eval.evaluate). Given the run's current (t, b) as well, the
 evaluators of judged pairs (sts, rerank) also report the ECE and Brier score of its relevance
-probabilities sigmoid(exp(t) cos + b), so every run's calibration is recorded with its ranking. A new kind is a function decorated with
-`@register("KIND")` here, plus its name in default_config.EVAL_KINDS.
+probabilities sigmoid(exp(t) cos + b), so every run's calibration is recorded with its ranking.
+
+A builder is handed only the keys its kind reads (default_config.EVAL_KEYS), as big_vision hands
+each evaluator its own arguments; a key of another kind moved from its default is refused, naming
+it, instead of being ignored. A new kind is a function decorated with `@register("KIND")` here, plus
+its keys in default_config.EVAL_KEYS.
 
 Matryoshka: an evaluator with `dims` (or, without, in a run with `loss.matryoshka_dims`) also reports
 each narrower prefix's metrics as `dimK/METRIC` (eval/NAME/dimK/METRIC in TensorBoard), the texts
@@ -26,7 +30,7 @@ import ml_collections
 
 from bixse_jax import matryoshka
 from bixse_jax.data import folds, sources
-from bixse_jax.default_config import EVAL_KINDS, evaluator as schema_entry
+from bixse_jax.default_config import EVAL_KINDS, evaluator as schema_entry, evaluator_keys
 from bixse_jax.errors import ConfigError, UserError
 from bixse_jax.eval import evaluate, run_files
 from bixse_jax.models.sentence_model import SentenceModel
@@ -72,8 +76,9 @@ def build_all(config: ml_collections.ConfigDict, model: SentenceModel) -> dict[s
             continue
         if entry.every_steps < 0:
             raise ConfigError(f"{where}.every_steps must be >= 0 (0: only before and after training)")
+        own = evaluator_keys(entry, where)  # its kind's keys only; another kind's key set is an error
         try:
-            fn = BUILDERS[entry.kind](entry, model, config)
+            fn = BUILDERS[entry.kind](own, model, config)
         except ConfigError as e:  # data errors (DataError) name their file, line and field already
             raise ConfigError(f"{where} ({entry.kind}): {e}") from e
         out[name] = Scheduled(fn, int(entry.every_steps), bool(entry.before_training))
