@@ -45,7 +45,7 @@ def _bixse(model: str, max_len: int, batch_size: int, matmul_dtype: str | None, 
     import jax
 
     from bixse_jax import parallel
-    from bixse_jax.commands.eval import dense_impl as resolve_dense_impl
+    from bixse_jax.models.compute_policy import resolve_dense_impl
     from bixse_jax.eval.evaluate import load_text_encoder
     parallel.one_cpu_device_per_core()  # as the encode/eval commands do
     dense_impl = resolve_dense_impl(dense_impl, "float32", matmul_dtype)  # a clear error without MKL

@@ -38,13 +38,13 @@ def _cpu_model() -> str:
 
 def _bixse(model, queries, corpus, positives, args) -> dict:
     from bixse_jax import parallel
-    from bixse_jax.commands.eval import dense_impl
+    from bixse_jax.models.compute_policy import resolve_dense_impl
     from bixse_jax.commands.mine import encode_and_mine
     from bixse_jax.eval import mining
     from bixse_jax.eval.evaluate import load_text_encoder
     parallel.one_cpu_device_per_core()
     enc = load_text_encoder(model, max_len=args.max_len, batch_size=args.batch_size,
-                            dense_impl=dense_impl("auto", "float32", None))
+                            dense_impl=resolve_dense_impl("auto", "float32", None))
     filters = mining.Filters(args.num_negatives, 0, args.range_max, relative_margin=args.relative_margin)
     start, cpu = time.perf_counter(), time.process_time()
     negatives, _, counts, seconds = encode_and_mine(enc, queries, corpus, positives, filters, None)

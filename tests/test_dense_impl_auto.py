@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bixse_jax.commands import eval as eval_cmd
+from bixse_jax.models import compute_policy
 from bixse_jax.models import cpu_blas
 
 
@@ -27,25 +27,25 @@ def host(monkeypatch, tmp_path):
 
 def test_auto_picks_xla_where_its_dots_are_faster(host, tmp_path):
     calls = host(xla_s=0.041, mkl_s=0.056)  # e.g. an AMD EPYC, where MKL dispatches slow kernels
-    assert eval_cmd.dense_impl("auto", "float32", None) == "xla"
+    assert compute_policy.resolve_dense_impl("auto", "float32", None) == "xla"
     assert len(calls) == 1
     (written,) = (tmp_path / "dense_impl").glob("*.json")
     record = json.loads(written.read_text())
     assert record["choice"] == "xla" and record["xla_s"] == 0.041 and record["mkl_s"] == 0.056
     assert record["key"]["cpu"] == cpu_blas.cpu_model()
     # Cached: later runs reuse the measurement.
-    assert eval_cmd.dense_impl("auto", "float32", None) == "xla"
+    assert compute_policy.resolve_dense_impl("auto", "float32", None) == "xla"
     assert cpu_blas.faster_impl()["why"].startswith("measured earlier")
     assert len(calls) == 1
 
 
 def test_auto_picks_mkl_where_it_is_faster(host):
     calls = host(xla_s=0.080, mkl_s=0.050)
-    assert eval_cmd.dense_impl("auto", "float32", None) == "mkl"
-    assert eval_cmd.dense_impl("auto", "float32", None) == "mkl"
+    assert compute_policy.resolve_dense_impl("auto", "float32", None) == "mkl"
+    assert compute_policy.resolve_dense_impl("auto", "float32", None) == "mkl"
     assert len(calls) == 1
-    assert eval_cmd.dense_impl("auto", "bfloat16", None) == "xla"  # MKL multiplies float32 only
-    assert eval_cmd.dense_impl("xla", "float32", None) == "xla"  # an explicit choice is not measured
+    assert compute_policy.resolve_dense_impl("auto", "bfloat16", None) == "xla"  # MKL multiplies float32 only
+    assert compute_policy.resolve_dense_impl("xla", "float32", None) == "xla"  # an explicit choice is not measured
     assert len(calls) == 1
 
 
@@ -64,7 +64,7 @@ def test_unavailable_mkl_is_xla_without_measuring(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_blas, "unavailable_reason", lambda: "Intel MKL (libmkl_rt) was not found")
     monkeypatch.setattr(cpu_blas, "available", lambda: False)
     monkeypatch.setattr(cpu_blas, "measure", lambda hidden: pytest.fail("measured without MKL"))
-    assert eval_cmd.dense_impl("auto", "float32", None) == "xla"
+    assert compute_policy.resolve_dense_impl("auto", "float32", None) == "xla"
     assert cpu_blas.faster_impl()["choice"] == "xla"
     assert not (tmp_path / "dense_impl").exists()
 

@@ -617,16 +617,16 @@ def test_dense_impl_auto_takes_mkl_only_for_float32_where_it_runs(monkeypatch):
     from bixse_jax.models import cpu_blas
     monkeypatch.setattr(cpu_blas, "available", lambda: False)
     monkeypatch.setattr(cpu_blas, "unavailable_reason", lambda: "Intel MKL (libmkl_rt) was not found")
-    assert eval_cmd.dense_impl("auto", "float32", None) == "xla"
+    assert compute_policy.resolve_dense_impl("auto", "float32", None) == "xla"
     with pytest.raises(ValueError, match="--dense-impl mkl: Intel MKL"):
-        eval_cmd.dense_impl("mkl", "float32", None)
+        compute_policy.resolve_dense_impl("mkl", "float32", None)
     monkeypatch.setattr(cpu_blas, "available", lambda: True)
     monkeypatch.setattr(cpu_blas, "unavailable_reason", lambda: None)
     monkeypatch.setattr(cpu_blas, "faster_impl", lambda: {"choice": "mkl"})  # tests/test_dense_impl_auto.py
-    assert eval_cmd.dense_impl("auto", "float32", None) == "mkl"
-    assert eval_cmd.dense_impl("mkl", "float32", "float32") == "mkl"
-    assert eval_cmd.dense_impl("auto", "float32", "bfloat16") == "xla"
-    assert eval_cmd.dense_impl("auto", "bfloat16", None) == "xla"
-    assert eval_cmd.dense_impl("xla", "float32", None) == "xla"
+    assert compute_policy.resolve_dense_impl("auto", "float32", None) == "mkl"
+    assert compute_policy.resolve_dense_impl("mkl", "float32", "float32") == "mkl"
+    assert compute_policy.resolve_dense_impl("auto", "float32", "bfloat16") == "xla"
+    assert compute_policy.resolve_dense_impl("auto", "bfloat16", None) == "xla"
+    assert compute_policy.resolve_dense_impl("xla", "float32", None) == "xla"
     with pytest.raises(ValueError, match="multiplies in float32"):
-        eval_cmd.dense_impl("mkl", "bfloat16", None)
+        compute_policy.resolve_dense_impl("mkl", "bfloat16", None)

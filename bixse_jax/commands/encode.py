@@ -16,7 +16,7 @@ import pathlib
 
 import numpy as np
 
-from bixse_jax.commands.eval import add_model_flags, load_encoder
+from bixse_jax.commands.flags import add_model_flags, load_encoder
 from bixse_jax.data.sources import DataError, parse_json_object, read_lines
 from bixse_jax.errors import UserError
 

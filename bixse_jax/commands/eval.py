@@ -25,105 +25,11 @@ Platt scaling sigmoid(a cos + c) fitted on other judged pairs (an STS file or a 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import time
 
-from bixse_jax import errors
+from bixse_jax.commands.flags import add_model_flags, load_encoder, parse_ks, write_json
 from bixse_jax.errors import UserError
-
-
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags every command that encodes texts shares."""
-    parser.add_argument("--model", required=True,
-                        help="HF / sentence-transformers folder, hub name, or training workdir")
-    parser.add_argument("--max-len", type=int, default=None,
-                        help="token limit (default: the model's max_seq_length, or a workdir's training lengths)")
-    parser.add_argument("--query-max-len", type=int, default=None, help="token limit for queries (default: --max-len)")
-    parser.add_argument("--query-prefix", default=None,
-                        help="text prepended to queries (default: the model's query prompt / the run's query_prefix)")
-    parser.add_argument("--pooling", default=None, choices=("mean", "cls", "last"),
-                        help="token states -> one vector (default: the model's own; mean for BERT-family "
-                             "encoders, last-token for decoder LLMs)")
-    parser.add_argument("--normalize", default=None, action=argparse.BooleanOptionalAction,
-                        help="L2-normalise embeddings (default: the model's own setting; on for plain folders)")
-    parser.add_argument("--append-eos", action="store_true",
-                        help="put the eos token after every text (last-token pooling of a decoder whose tokenizer "
-                             "adds none; a model folder, not a workdir, which keeps its training setting)")
-    parser.add_argument("--batch-size", type=int, default=128, help="texts per encoder call, over all devices")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
-    parser.add_argument("--matmul-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                        help="dense and attention matmul inputs: bfloat16 with float32 --dtype keeps float32 "
-                             "accumulation and activations (1.7x faster on a CPU with AMX: docs/benchmarks.md); "
-                             "auto (default): bfloat16 on a CPU with native bfloat16, else --dtype")
-    parser.add_argument("--dense-impl", default="auto", choices=("auto", "xla", "mkl"),
-                        help="float32 dense matmuls on a CPU: mkl (Intel MKL, pip install 'bixse-jax[mkl]'; "
-                             "1.4x faster on an Intel Xeon: docs/benchmarks.md) or xla; auto: whichever a short "
-                             "measurement on this host finds faster (cached per host), xla where MKL cannot run")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: newest)")
-    errors.add_verbose_flag(parser)
-
-
-def resolve_matmul_dtype(args: argparse.Namespace) -> str | None:
-    """--matmul-dtype resolved (auto: models/compute_policy.py). Call after the device split."""
-    from bixse_jax.models import compute_policy
-    return compute_policy.resolve_matmul_dtype(args.matmul_dtype, args.dtype, training=False)[0]
-
-
-def dense_impl(choice: str, dtype: str, matmul_dtype: str | None) -> str:
-    """--dense-impl resolved: "auto" is "mkl" for float32 matmuls on a CPU where MKL can run and is
-    faster than XLA's dots (`cpu_blas.faster_impl`: measured once per host, cached), else "xla".
-
-    Call after `parallel.one_cpu_device_per_core()`: measuring starts JAX's CPU backend."""
-    import jax
-
-    from bixse_jax.models import cpu_blas
-    float32 = dtype == "float32" and matmul_dtype in (None, "float32")
-    if choice == "auto":
-        if not float32 or jax.default_backend() != "cpu" or not cpu_blas.available():
-            return "xla"
-        return cpu_blas.faster_impl()["choice"]
-    if choice == "mkl":
-        if not float32:
-            raise UserError(f"--dense-impl mkl multiplies in float32; got --dtype {dtype} --matmul-dtype {matmul_dtype}")
-        reason = cpu_blas.unavailable_reason()
-        if reason:
-            raise UserError(f"--dense-impl mkl: {reason}")
-    return choice
-
-
-def load_encoder(args: argparse.Namespace):
-    from bixse_jax import parallel
-    from bixse_jax.eval.evaluate import load_text_encoder
-    parallel.one_cpu_device_per_core()  # on a CPU: every core encodes (JAX_NUM_CPU_DEVICES=1 to opt out)
-    matmul_dtype = resolve_matmul_dtype(args)
-    dense = dense_impl(args.dense_impl, args.dtype, matmul_dtype)  # may measure: after the device split
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    return load_text_encoder(args.model, dtype=args.dtype, matmul_dtype=matmul_dtype, dense_impl=dense,
-                             batch_size=args.batch_size, max_len=args.max_len,
-                             query_max_len=args.query_max_len, query_prefix=args.query_prefix,
-                             pooling=args.pooling, normalize=args.normalize, append_eos=args.append_eos,
-                             step=args.step, show_progress=True)
-
-
-def parse_ks(text: str) -> tuple[int, ...]:
-    try:
-        ks = tuple(int(k) for k in text.split(","))
-    except ValueError:
-        raise UserError(f"--k must be comma-separated integers, got {text!r}") from None
-    if not ks or min(ks) < 1:
-        raise UserError(f"--k values must be >= 1, got {text!r}")
-    return ks
-
-
-def write_json(obj: dict, out: str | None) -> None:
-    text = json.dumps(obj, indent=2)
-    print(text)
-    if out:
-        path = pathlib.Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:

@@ -84,13 +84,14 @@ def _teacher(args: argparse.Namespace, grades: list[int]):
                            api_key_env=args.api_key_env, top_logprobs=args.top_logprobs,
                            batch_size=args.batch_size, name=args.teacher_name)
     from bixse_jax import parallel
-    from bixse_jax.commands.eval import dense_impl, resolve_matmul_dtype
+    from bixse_jax.commands.flags import resolve_matmul_dtype
     from bixse_jax.label.jax_teacher import JaxTeacher
+    from bixse_jax.models import compute_policy
     parallel.one_cpu_device_per_core()  # on a CPU: every core runs part of each batch
     matmul_dtype = resolve_matmul_dtype(args)
     return JaxTeacher(args.teacher, grades=grades, template=template, use_chat_template=not args.no_chat_template,
                       dtype=args.dtype, matmul_dtype=matmul_dtype,
-                      dense_impl=dense_impl(args.dense_impl, args.dtype, matmul_dtype),
+                      dense_impl=compute_policy.resolve_dense_impl(args.dense_impl, args.dtype, matmul_dtype),
                       batch_size=args.batch_size or 16, max_len=args.max_len, max_doc_tokens=args.max_doc_tokens,
                       mesh=parallel.make_mesh(fsdp=args.fsdp), name=args.teacher_name)
 

@@ -28,7 +28,7 @@ import json
 import pathlib
 import time
 
-from bixse_jax.commands.eval import add_model_flags, load_encoder
+from bixse_jax.commands.flags import add_model_flags, load_encoder
 from bixse_jax.errors import UserError
 
 

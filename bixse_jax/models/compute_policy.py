@@ -49,3 +49,24 @@ def resolve_matmul_dtype(requested: str | None, dtype: str, *, training: bool) -
                       f"gradient runs on one device)")
     return "bfloat16", (f"matmul_dtype=auto: bfloat16 matmul inputs, float32 accumulation, weights and "
                         f"activations (CPU with {', '.join(flags)})")
+
+
+def resolve_dense_impl(choice: str, dtype: str, matmul_dtype: str | None) -> str:
+    """--dense-impl resolved: "auto" is "mkl" for float32 matmuls on a CPU where MKL can run and is
+    faster than XLA's dots (`cpu_blas.faster_impl`: measured once per host, cached), else "xla".
+
+    Call after `parallel.one_cpu_device_per_core()`: measuring starts JAX's CPU backend."""
+    from bixse_jax.errors import UserError
+    from bixse_jax.models import cpu_blas
+    float32 = dtype == "float32" and matmul_dtype in (None, "float32")
+    if choice == "auto":
+        if not float32 or jax.default_backend() != "cpu" or not cpu_blas.available():
+            return "xla"
+        return cpu_blas.faster_impl()["choice"]
+    if choice == "mkl":
+        if not float32:
+            raise UserError(f"--dense-impl mkl multiplies in float32; got --dtype {dtype} --matmul-dtype {matmul_dtype}")
+        reason = cpu_blas.unavailable_reason()
+        if reason:
+            raise UserError(f"--dense-impl mkl: {reason}")
+    return choice
