@@ -152,6 +152,7 @@ def test_eval_mteb_cli_equals_eval(minilm_path, tiny_model_dir, sts_subset, scif
     (["--mteb", "--calibration"], "--mteb runs mteb's own task"),
     (["--mteb-name", "a/b"], "need --mteb"),
     (["--mteb", "--mteb-name", "nameless"], "ORGANIZATION/NAME"),
+    (["--mteb", "--instruction-template", "Instruct: "], "must hold {instruction}"),
 ])
 def test_eval_mteb_flag_errors(flags, message, scifact_subset, capsys):
     with pytest.raises(SystemExit) as e:

@@ -28,7 +28,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                        help="score --beir (retrieval) or --sts with the mteb package (pip install 'bixse-jax[mteb]')")
     group.add_argument("--instruction-template", default=None, metavar="T",
                        help="queries get the task's instruction in T (it holds {instruction}) instead of "
-                            "the query prefix, e.g. 'Instruct: {instruction}\\nQuery: '")
+                            "the query prefix, e.g. $'Instruct: {instruction}\\nQuery: ' (bash's $'' makes the newline)")
     group.add_argument("--mteb-name", default=None, metavar="ORG/NAME",
                        help="model name in mteb's results (default: a hub name as given, else bixse-jax/FOLDER)")
     group.add_argument("--mteb-results", default=None, metavar="DIR", help="also write mteb's result files here")
@@ -42,6 +42,8 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.calibration or args.skip_missing_docs or any(getattr(args, k) is not None for k in NOT_WITH_MTEB):
         parser.error("--mteb runs mteb's own task: it takes no --calibration, --rerank, --rerank-depth, "
                      "--top-k, --run-out or --skip-missing-docs")
+    if args.instruction_template is not None and "{instruction}" not in args.instruction_template:
+        parser.error(f"--instruction-template must hold {{instruction}}, got {args.instruction_template!r}")
     if args.mteb_name is not None and args.mteb_name.count("/") != 1:
         parser.error(f"--mteb-name must read ORGANIZATION/NAME, got {args.mteb_name!r}")
 

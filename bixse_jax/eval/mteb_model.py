@@ -44,7 +44,7 @@ from bixse_jax.eval.evaluate import TextEncoder, load_text_encoder
 class MTEBEncoder(AbsEncoder):
     """mteb's EncoderProtocol over a TextEncoder; `load` builds one from anything the loader takes."""
 
-    def __init__(self, text_encoder: TextEncoder, *, name: str | None = None,
+    def __init__(self, text_encoder: TextEncoder, *, name: str | None = None, revision: str | None = None,
                  instruction_template: str | None = None, prompts: dict[str, str] | None = None):
         if instruction_template is not None and "{instruction}" not in instruction_template:
             raise UserError(f"instruction template {instruction_template!r} has no {{instruction}}")
@@ -53,7 +53,7 @@ class MTEBEncoder(AbsEncoder):
         self.model_prompts = self.validate_task_to_prompt_name(prompts) if prompts else None
         config = text_encoder.encoder.config
         self.mteb_model_meta = ModelMeta(
-            loader=None, name=name or model_name(text_encoder.source.split(" (")[0]), revision=None,
+            loader=None, name=name or model_name(text_encoder.source.split(" (")[0]), revision=revision,
             release_date=None, languages=None,
             n_parameters=sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(text_encoder.params)),
             memory_usage_mb=None, max_tokens=text_encoder.doc_max_len,
@@ -64,13 +64,13 @@ class MTEBEncoder(AbsEncoder):
             use_instructions=bool(instruction_template or prompts), training_datasets=None)
 
     @classmethod
-    def load(cls, name_or_path: str | pathlib.Path, *, name: str | None = None,
+    def load(cls, name_or_path: str | pathlib.Path, *, name: str | None = None, revision: str | None = None,
              instruction_template: str | None = None, prompts: dict[str, str] | None = None,
              **load_kwargs: Any) -> "MTEBEncoder":
         """`load_text_encoder(name_or_path, **load_kwargs)` (query_prefix, max_len, batch_size, dtype,
         step, ...) wrapped; on a CPU, call `bixse_jax.parallel.one_cpu_device_per_core()` before it."""
         return cls(load_text_encoder(name_or_path, **load_kwargs), name=name or model_name(name_or_path),
-                   instruction_template=instruction_template, prompts=prompts)
+                   revision=revision, instruction_template=instruction_template, prompts=prompts)
 
     def prefix(self, task_metadata: TaskMetadata, prompt_type: PromptType | None) -> str | None:
         """The text put before each input (None: the encoder's default, see the module docstring)."""
