@@ -159,3 +159,21 @@ def test_eval_mteb_flag_errors(flags, message, scifact_subset, capsys):
         eval_cmd.main(["bixse-jax eval", "--model", "unused", "--beir", str(scifact_subset), *flags])
     assert e.value.code == 2 and message in capsys.readouterr().err
 
+
+
+def test_eval_mteb_bad_data_is_a_one_line_error(tmp_path, capsys):
+    """Bad data fails before the model loads ("unused" is no model), as `bixse-jax eval` does."""
+    from bixse_jax import cli
+
+    def error(folder) -> str:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["bixse-jax", "eval", "--model", "unused", "--mteb", "--beir", str(folder)])
+        assert e.value.code == 2
+        return capsys.readouterr().err
+
+    assert error(tmp_path / "nowhere") == f"bixse-jax eval: error: {tmp_path / 'nowhere'}: BEIR folder not found\n"
+    _write_jsonl(tmp_path / "corpus.jsonl", [{"_id": "d0", "text": "a document"}])
+    _write_jsonl(tmp_path / "queries.jsonl", [{"_id": "q0", "text": "a query"}])
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1.5\n")
+    assert "mteb needs integer relevance grades, got 1.5" in error(tmp_path)
