@@ -52,10 +52,9 @@ def run(args: argparse.Namespace, load_encoder: Callable[[argparse.Namespace], o
     """The result object of `bixse-jax eval --mteb`; `load_encoder` is eval's (device split, dtypes)."""
     try:
         import mteb
-
-        from bixse_jax.eval import mteb_model
     except ImportError as e:
         raise UserError(f"--mteb needs the mteb package: pip install 'bixse-jax[mteb]' ({e})") from None
+    from bixse_jax.eval import mteb_model
     start = time.perf_counter()
     data = args.beir or args.sts
     task = mteb_model.beir_task(data, args.split) if args.beir else mteb_model.sts_task(data)  # data first
