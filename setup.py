@@ -4,6 +4,8 @@ from setuptools import find_packages, setup
 
 # Intel MKL ships wheels for x86-64 only; elsewhere the MKL matmul path reports itself unavailable.
 MKL = "mkl>=2025; platform_machine == 'x86_64' or platform_machine == 'AMD64'"
+# The 2.x API (EncoderProtocol, AbsEncoder, mteb.evaluate) that bixse_jax/eval/mteb_model.py wraps.
+MTEB = "mteb>=2.26,<3"
 
 setup(
     name="bixse-jax",
@@ -43,6 +45,9 @@ setup(
         "gguf": ["gguf>=0.10"],
         # `bixse-jax label`: chat templates (jinja2), agreement figures (scipy) and their plot (matplotlib).
         "label": ["jinja2>=3.1", "scipy>=1.11", "matplotlib>=3.8"],
+        # `bixse-jax eval --mteb` and bixse_jax/eval/mteb_model.py: MTEB's tasks through our encoder.
+        # mteb needs torch (its data loaders), pinned as in the test extra below.
+        "mteb": [MTEB, "torch==2.13.0"],
         # benchmarks/ beside the peers, never part of the main install: torch + transformers
         # (cpu_vs_peer.py), sentence-transformers (encode_cpu.py, mine_vs_st.py, which also needs datasets).
         "bench": ["torch==2.13.0", "transformers>=4.40", "sentence-transformers>=6,<7", "datasets>=2.19"],
@@ -54,6 +59,7 @@ setup(
                  "gguf>=0.10",  # tests/test_gguf.py
                  "accelerate>=1.0",  # tests/test_gguf.py: transformers reads GGUF files only with it
                  "jinja2>=3.1",  # tests/test_label.py: chat templates
+                 MTEB,  # tests/test_mteb.py
                  MKL],  # tests/test_cpu_blas.py
     },
     entry_points={"console_scripts": ["bixse-jax=bixse_jax.cli:main"]},

@@ -3,6 +3,7 @@
   bixse-jax eval --model PATH --beir DIR [--split test] [--k 10,100] [--run-out FILE] [--out FILE]
   bixse-jax eval --model PATH --beir DIR --rerank RUNFILE|qrels [--rerank-depth N] ...
   bixse-jax eval --model PATH --sts FILE [--out FILE]
+  bixse-jax eval --model PATH --mteb (--beir DIR [--split S] | --sts FILE) [--mteb-results DIR]  (mteb's scores)
   bixse-jax eval --model PATH --calibration (--beir DIR [--split S] | --sts FILE) [--calibration-fit FILE|DIR]
                  [--log-temperature T --bias B] [--plot FILE.png]
 
@@ -28,6 +29,7 @@ import argparse
 import pathlib
 import time
 
+from bixse_jax.commands import _eval_mteb as eval_mteb
 from bixse_jax.commands.flags import add_model_flags, load_encoder, parse_ks, write_json
 from bixse_jax.errors import UserError
 
@@ -63,12 +65,16 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     calib.add_argument("--max-grade", type=float, default=None,
                        help="BEIR grades become grade / max grade (default: the largest grade in the qrels file)")
     calib.add_argument("--plot", default=None, metavar="FILE.png", help="write the reliability diagram here")
+    eval_mteb.add_flags(parser)
     return parser
 
 
 def main(argv: list[str]) -> None:
     parser = _parser(argv[0])
     args = parser.parse_args(argv[1:])
+    eval_mteb.check_flags(parser, args)
+    if args.mteb:
+        return write_json(eval_mteb.run(args), args.out)
     if args.sts and (args.rerank or args.run_out or args.top_k or args.rerank_depth):
         parser.error("--rerank, --rerank-depth, --top-k and --run-out need --beir")
     calibration_only = ("calibration_fit", "log_temperature", "bias", "max_grade", "plot")

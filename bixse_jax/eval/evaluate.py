@@ -63,6 +63,13 @@ class TextEncoder:
     def documents(self, texts: Sequence[str]) -> np.ndarray:
         return self._encode(texts, self.doc_max_len, "")
 
+    def encode(self, texts: Sequence[str], *, query: bool, prefix: str | None = None) -> np.ndarray:
+        """Queries at the query length, documents at the document length; `prefix` replaces the
+        default one (the query prefix for queries, none for documents), e.g. a task's instruction."""
+        if prefix is None:
+            prefix = self.query_prefix if query else ""
+        return self._encode(texts, self.query_max_len if query else self.doc_max_len, prefix)
+
     def with_params(self, params: dict) -> "TextEncoder":
         return dataclasses.replace(self, params=params, memo=None)
 
