@@ -171,10 +171,12 @@ _LINE_SEARCH = 2.0 ** -np.arange(12)  # step sizes a Newton step may be cut to
 
 def follow_mode(loss_cfg: ml_collections.ConfigDict) -> str:
     """`loss.follow_logit_params` resolved: `auto` is `refit` for a loss with the logistic optimum
-    (BiXSE) and `adam` for the others (their t and b, if they read them at all, have no such fit)."""
+    (BiXSE) and `adam` for the others (their t and b, if they read them at all, have no such fit),
+    and `adam` with Matryoshka prefixes (one t and b serve every width; the fit is of one)."""
     check_follow(loss_cfg)
     if loss_cfg.follow_logit_params == "auto":
-        return "refit" if losses.get(loss_cfg.name).logistic_optimum else "adam"
+        can_refit = losses.get(loss_cfg.name).logistic_optimum and not tuple(loss_cfg.get("matryoshka_dims", ()))
+        return "refit" if can_refit else "adam"
     return loss_cfg.follow_logit_params
 
 
@@ -183,11 +185,10 @@ def check_follow(loss_cfg: ml_collections.ConfigDict) -> None:
     mode = loss_cfg.follow_logit_params
     if mode not in FOLLOW_MODES:
         raise ConfigError(f"loss.follow_logit_params {mode!r} is not one of {FOLLOW_MODES}")
-    if (mode in ("refit", "auto") and losses.get(loss_cfg.name).logistic_optimum
-            and tuple(loss_cfg.get("matryoshka_dims", ()))):
+    if mode == "refit" and tuple(loss_cfg.get("matryoshka_dims", ())):
         raise ConfigError(f"loss.follow_logit_params={mode!r} refits t and b on one width; with "
                           f"loss.matryoshka_dims={tuple(loss_cfg.matryoshka_dims)} (one t and b for all prefixes) "
-                          "use 'adam'")
+                          "use 'adam' (or 'auto', which does)")
     if mode == "refit" and not losses.get(loss_cfg.name).logistic_optimum:
         raise ConfigError(f"loss.follow_logit_params='refit' fits BiXSE's sigmoid BCE over (t, b); loss.name="
                           f"{loss_cfg.name!r} has no such optimum (softmax and pairwise losses ignore b): use 'adam'")

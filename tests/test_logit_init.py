@@ -197,9 +197,15 @@ def test_auto_follow_refits_bixse_and_leaves_the_others_to_adam():
     step_lib.make_objective(cfg, None)  # auto is accepted for a loss without the optimum
 
 
-def test_refit_with_matryoshka_prefixes_is_refused():
+def test_refit_with_matryoshka_prefixes_is_refused_and_auto_takes_adam():
+    """One t and b serve every prefix, and the fit is of one width: an explicit refit is refused,
+    `auto` (so the default) leaves them to Adam."""
     from bixse_jax.default_config import base_config
     cfg = base_config().loss
-    cfg.follow_logit_params, cfg.matryoshka_dims = "auto", (4, "full")
+    cfg.follow_logit_params, cfg.matryoshka_dims = "refit", (4, "full")
     with pytest.raises(ConfigError, match="matryoshka_dims"):
         logit_init.check_follow(cfg)
+    cfg.follow_logit_params = "auto"
+    assert logit_init.follow_mode(cfg) == "adam"
+    cfg.matryoshka_dims = ()
+    assert logit_init.follow_mode(cfg) == "refit"
