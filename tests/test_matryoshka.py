@@ -223,6 +223,30 @@ def test_encode_dim_is_the_renormalised_prefix(tiny_model_dir, tmp_path, capsys)
     assert "--dim 33 is more than the model's 32 embedding coordinates" in capsys.readouterr().err
 
 
+def test_eval_dim_scores_the_prefix_as_the_evaluators_do(tiny_model_dir, tmp_path, capsys):
+    """`eval --dim 8` (a model flag, so mine and eval --mteb have it too) equals the training
+    evaluators' dim8/ metrics of the same model."""
+    import tiny_data
+    from bixse_jax import cli, experiment
+    from bixse_jax.default_config import base_config, evaluator
+    from bixse_jax.eval import registry
+    root = tiny_data.tiny_data_root(tmp_path)
+    sts = str(root / "stsbenchmark" / "sts-test.csv")
+    cli.main(["bixse-jax", "eval", "--model", str(tiny_model_dir), "--sts", sts, "--max-len", "16", "--dim", "8"])
+    got = json.loads(capsys.readouterr().out)
+    config = base_config()
+    config.model.name_or_path = str(tiny_model_dir)
+    config.data.query_max_len = config.data.doc_max_len = 16
+    config.evals.sts = evaluator("sts", path=sts, dims=(8,))
+    model = experiment.load_model(config.model)
+    want = registry.build_all(config, model)["sts"].evaluate(model.params)
+    assert got["dim"] == 8 and got["metrics"]["spearman"] == pytest.approx(want["dim8/spearman"], abs=1e-6)
+    assert got["metrics"]["spearman"] != pytest.approx(want["spearman"], abs=1e-3)
+    with pytest.raises(SystemExit):
+        cli.main(["bixse-jax", "eval", "--model", str(tiny_model_dir), "--sts", sts, "--dim", "0"])
+    assert "--dim must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_export_records_the_dims(tiny_model, tmp_path):
     """bixse.json and the model card carry the dims and `load_encoder` reads them back
     (tests/interop/test_sentence_transformers.py loads such a folder with truncate_dim)."""

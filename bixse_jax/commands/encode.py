@@ -10,15 +10,13 @@ encodes the texts as queries: the model's query prompt is prepended and the quer
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 
 import numpy as np
 
-from bixse_jax.commands.flags import add_model_flags, load_encoder
+from bixse_jax.commands.flags import add_model_flags, check_model_flags, load_encoder
 from bixse_jax.data.sources import DataError, parse_json_object, read_lines
-from bixse_jax.errors import UserError
 
 
 def read_texts(path: str | pathlib.Path) -> list[str]:
@@ -56,17 +54,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--input", required=True, help=".txt (one text per line) or .jsonl (text, title)")
     parser.add_argument("--out", required=True, help="output .npy file, float32 [N, H]")
     parser.add_argument("--query", action="store_true", help="encode as queries (query prompt, query length)")
-    parser.add_argument("--dim", type=int, default=None,
-                        help="Matryoshka: keep the first N coordinates, renormalised (default: all)")
     args = parser.parse_args(argv[1:])
-    if args.dim is not None and args.dim < 1:
-        raise UserError(f"--dim must be >= 1, got {args.dim}")
+    check_model_flags(args)
     texts = read_texts(args.input)  # before the model loads: bad input fails fast
-    enc = load_encoder(args)
-    width = enc.encoder.config.hidden_size
-    if args.dim is not None and args.dim > width:
-        raise UserError(f"--dim {args.dim} is more than the model's {width} embedding coordinates")
-    enc = dataclasses.replace(enc, dim=args.dim)
+    enc = load_encoder(args)  # --dim: its first N coordinates
     emb = enc.queries(texts) if args.query else enc.documents(texts)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

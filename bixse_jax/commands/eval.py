@@ -8,7 +8,7 @@
                  [--log-temperature T --bias B] [--plot FILE.png]
 
 PATH is a HF / sentence-transformers folder, a hub name, or a training workdir (its newest
-checkpoint). `--rerank qrels` re-ranks each query's judged documents that have text (graded
+checkpoint); `--dim N` scores a Matryoshka model's first N coordinates. `--rerank qrels` re-ranks each query's judged documents that have text (graded
 re-ranking, the TREC-DL 2019 protocol here); `--rerank RUNFILE` re-ranks a TREC run's candidates.
 Metrics read the qrels as given, like trec_eval: a judged document without text in corpus.jsonl
 cannot be ranked but still counts in the ideal DCG and recall (`judged_without_text` says how many
@@ -129,7 +129,7 @@ def _evaluate(args: argparse.Namespace) -> None:
             run_files.write_run(args.run_out, run, tag=args.tag)
             result["run_file"] = args.run_out
     result.update(model_source=enc.source, query_max_len=enc.query_max_len, doc_max_len=enc.doc_max_len,
-                  seconds=round(time.perf_counter() - start, 1))
+                  dim=enc.dim, seconds=round(time.perf_counter() - start, 1))
     write_json(result, args.out)
 
 

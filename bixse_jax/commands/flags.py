@@ -7,6 +7,7 @@ for the matmul dtype and dense implementation, eval/evaluate.py for loading a mo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 
@@ -42,7 +43,17 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                              "1.4x faster on an Intel Xeon: docs/benchmarks.md) or xla; auto: whichever a short "
                              "measurement on this host finds faster (cached per host), xla where MKL cannot run")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: newest)")
+    parser.add_argument("--dim", type=int, default=None,
+                        help="Matryoshka: keep each embedding's first N coordinates, renormalised (default: all)")
     errors.add_verbose_flag(parser)
+
+
+def check_model_flags(args: argparse.Namespace) -> None:
+    """The model flags' errors that need no model: call before reading data, so they fail first."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.dim is not None and args.dim < 1:
+        raise UserError(f"--dim must be >= 1, got {args.dim}")
 
 
 def resolve_matmul_dtype(args: argparse.Namespace) -> str | None:
@@ -56,16 +67,19 @@ def load_encoder(args: argparse.Namespace):
     from bixse_jax import parallel
     from bixse_jax.eval.evaluate import load_text_encoder
     from bixse_jax.models import compute_policy
+    check_model_flags(args)
     parallel.one_cpu_device_per_core()  # on a CPU: every core encodes (JAX_NUM_CPU_DEVICES=1 to opt out)
     matmul_dtype = resolve_matmul_dtype(args)
     dense = compute_policy.resolve_dense_impl(args.dense_impl, args.dtype, matmul_dtype)  # may measure: after the device split
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    return load_text_encoder(args.model, dtype=args.dtype, matmul_dtype=matmul_dtype, dense_impl=dense,
-                             batch_size=args.batch_size, max_len=args.max_len,
-                             query_max_len=args.query_max_len, query_prefix=args.query_prefix,
-                             pooling=args.pooling, normalize=args.normalize, append_eos=args.append_eos,
-                             step=args.step, show_progress=True)
+    enc = load_text_encoder(args.model, dtype=args.dtype, matmul_dtype=matmul_dtype, dense_impl=dense,
+                            batch_size=args.batch_size, max_len=args.max_len,
+                            query_max_len=args.query_max_len, query_prefix=args.query_prefix,
+                            pooling=args.pooling, normalize=args.normalize, append_eos=args.append_eos,
+                            step=args.step, show_progress=True)
+    width = enc.encoder.config.hidden_size
+    if args.dim is not None and args.dim > width:
+        raise UserError(f"--dim {args.dim} is more than the model's {width} embedding coordinates")
+    return dataclasses.replace(enc, dim=args.dim)
 
 
 def parse_ks(text: str) -> tuple[int, ...]:
