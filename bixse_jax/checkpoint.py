@@ -67,7 +67,9 @@ def make_manager(workdir: str | os.PathLike, *, keep: int, async_save: bool = Tr
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any]) -> None:
-    """Starts an (async) save of `step`; the caller decides when (every N steps, the last, on SIGTERM)."""
+    """Starts an (async) save of `step`; the caller decides when (every N steps, the last, on SIGTERM).
+    A LoRA run's frozen base is not saved: `data_state["lora_base"]` names it and its hash instead."""
+    state = state.replace(frozen={}) if getattr(state, "frozen", None) else state
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
 
@@ -75,8 +77,12 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict
 def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, dict[str, Any], int] | None:
     """(state, data_state, step) of the newest readable checkpoint, or None if there is none.
 
-    `target` (a state of the right structure and shardings) says how to lay the arrays out.
+    `target` (a state of the right structure and shardings) says how to lay the arrays out; its
+    frozen LoRA base, never saved, is put back into the restored state.
     """
+    frozen = getattr(target, "frozen", None)
+    if frozen:
+        target = target.replace(frozen={})
     steps = sorted(manager.all_steps(), reverse=True)
     damaged: list[int] = []
     for i, step in enumerate(steps):
@@ -91,10 +97,22 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, di
             damaged.append(step)
             continue
         _set_aside(manager, damaged)
-        return restored.state, dict(restored.data), step
+        state = restored.state.replace(frozen=frozen) if frozen else restored.state
+        return state, dict(restored.data), step
     if steps:
         raise RuntimeError(f"{manager.directory}: none of the checkpoints {steps} can be restored")
     return None
+
+
+def check_base(data_state: dict[str, Any], expected: dict[str, Any], where: Any) -> None:
+    """LoRA adapters belong to the base they were trained on ({"lora_base": {"model", "sha256"}}, as
+    `save` records it; {}: no LoRA): a checkpoint of another base, or of none, is refused."""
+    saved, now = data_state.get("lora_base"), expected.get("lora_base")
+    if (saved or {}).get("sha256") == (now or {}).get("sha256"):
+        return
+    describe = lambda b: f"{b['model']} (sha256 {b['sha256']})" if b else "no LoRA base (full fine-tuning)"
+    raise CheckpointError(f"{where}: the checkpoint was trained on {describe(saved)}, but the run now has "
+                          f"{describe(now)}; LoRA adapters only fit their own base: restore that base or use a new workdir")
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:

@@ -20,9 +20,13 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from bixse_jax.errors import ConfigError, UserError
-from bixse_jax.models import bf16_matmul, cpu_blas
+from bixse_jax.models import bf16_matmul, cpu_blas, lora
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+# Linear layers inside a layer, by path (model.lora.targets match them by suffix: "dense" all three).
+LORA_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                "intermediate.dense", "output.dense")
+LORA_DEFAULT_TARGETS = ("query", "key", "value", "attention.output.dense")
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -72,6 +76,7 @@ class EncoderConfig:
     # "mkl": float32 dense layers multiply through Intel MKL on a CPU (models/cpu_blas.py; encoding
     # 1.4x faster than with XLA's dots on a 2-core CPU, docs/benchmarks.md); other backends keep XLA's.
     dense_impl: str = "xla"
+    lora: lora.LoraSpec | None = None  # adapters on the targeted projections (models/lora.py)
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -112,7 +117,7 @@ class EncoderConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The architecture fields, in HF's config.json vocabulary."""
-        skip = {"dtype", "matmul_dtype", "remat", "attention_impl", "dense_impl"}
+        skip = {"dtype", "matmul_dtype", "remat", "attention_impl", "dense_impl", "lora"}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
 
@@ -157,8 +162,8 @@ def dense_dtype_and_dot(cfg: Any) -> tuple[str, Any]:
 
 def _dense(cfg: EncoderConfig, features: int, name: str) -> nn.Dense:
     dtype, dot = dense_dtype_and_dot(cfg)
-    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, dot_general=dot,
-                    kernel_init=nn.initializers.normal(0.02), name=name)
+    return lora.Dense(features, dtype=dtype, param_dtype=jnp.float32, dot_general=dot,
+                      kernel_init=nn.initializers.normal(0.02), lora=cfg.lora, name=name)
 
 
 def _layer_norm(cfg: EncoderConfig, name: str) -> nn.LayerNorm:
