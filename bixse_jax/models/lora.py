@@ -50,24 +50,25 @@ class LoraSpec:
 
 
 def spec_from_config(cfg: Any) -> LoraSpec | None:
-    """`model.lora` -> LoraSpec, or None when rank is 0 (off); a ConfigError names the bad key."""
-    rank = cfg.rank
+    """`model.lora` (a ConfigDict, or the dict of a run's config.json) -> LoraSpec, or None when rank
+    is 0 (off); a ConfigError names the bad key."""
+    rank, base_dtype = cfg.get("rank", 0), cfg.get("base_dtype", "float32")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
         raise ConfigError(f"model.lora.rank must be an integer >= 0 (0: off), got {rank!r}")
-    if cfg.base_dtype not in BASE_DTYPES:
-        raise ConfigError(f"model.lora.base_dtype {cfg.base_dtype!r} is not one of {BASE_DTYPES}")
+    if base_dtype not in BASE_DTYPES:
+        raise ConfigError(f"model.lora.base_dtype {base_dtype!r} is not one of {BASE_DTYPES}")
     if not rank:
         return None
-    if not cfg.alpha > 0:
-        raise ConfigError(f"model.lora.alpha must be > 0 (the update is scaled by alpha / rank), got {cfg.alpha!r}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ConfigError(f"model.lora.dropout must be in [0, 1), got {cfg.dropout!r}")
-    targets = cfg.targets
+    alpha, dropout, targets = cfg.get("alpha", 16.0), cfg.get("dropout", 0.0), cfg.get("targets", ())
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ConfigError(f"model.lora.alpha must be > 0 (the update is scaled by alpha / rank), got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"model.lora.dropout must be in [0, 1), got {dropout!r}")
     if isinstance(targets, str):
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
     if not all(isinstance(t, str) and t for t in targets):
         raise ConfigError(f"model.lora.targets must be names of projections, got {tuple(targets)!r}")
-    return LoraSpec(rank=rank, alpha=float(cfg.alpha), dropout=float(cfg.dropout), targets=tuple(targets))
+    return LoraSpec(rank=rank, alpha=float(alpha), dropout=float(dropout), targets=tuple(targets))
 
 
 def matches(path: str, target: str) -> bool:
