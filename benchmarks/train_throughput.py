@@ -27,7 +27,7 @@ allocated (jax.eval_shape), so a large model's XLA memory plan can be read on a 
       --models qwen2.5-1.5b --batches 256 --chunk 32 --query-len 64 --doc-len 256 --fsdp 8 --compile-only
 
 `--lora-rank R` trains LoRA adapters (model.lora.*) on the attention projections over a frozen base
-(`--lora-base-dtype bfloat16` stores it in bfloat16); not with --chunk (gradient caching).
+(`--lora-base-dtype bfloat16` stores it in bfloat16).
 
 Each setting runs in a fresh process when there are several (`--isolate`, default): peak memory
 is then the setting's own and an out-of-memory cannot poison the next setting.
@@ -194,14 +194,13 @@ def run_setting(s: Setting) -> dict[str, Any]:
                              abstract, state_shardings)
     else:
         state = jax.jit(make_state, out_shardings=state_shardings)(jax.random.PRNGKey(0))
-    if s.chunk and s.lora_rank:
-        raise ValueError("--lora-rank with --chunk: gradient caching does not support LoRA yet")
     if s.chunk:
         grad_cache.check_chunk(s.batch, s.chunk, mesh)
         step = grad_cache.make_cached_train_step(step_lib.make_embed_fn(encoder, use_dropout),
                                                  step_lib.make_objective(config.loss, mesh), tx, schedule,
                                                  chunk=s.chunk, mesh=mesh,
-                                                 encoder_specs=grad_cache.param_specs(state.params["encoder"]))
+                                                 encoder_specs=grad_cache.param_specs(state.params["encoder"]),
+                                                 frozen_specs=grad_cache.param_specs(state.frozen))
     else:
         step = step_lib.make_train_step(step_lib.make_loss_fn(encoder, config.loss, mesh, use_dropout), tx, schedule)
     jitted = step_lib.jit_train_step(step, mesh, state)

@@ -13,6 +13,7 @@ own `loss_fn` with the same signature and reuses `objective` and `train_step` as
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable
 
@@ -33,7 +34,7 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 # A loss fn that fits t and b itself returns them as these metrics; the step stores them as the params.
 REFIT_KEYS = ("refit/log_temperature", "refit/bias")
-LossFn = Callable[[dict, Batch, jax.Array], tuple[jax.Array, Metrics]]  # (params, batch, rng)
+LossFn = Callable[..., tuple[jax.Array, Metrics]]  # (params, batch, rng[, frozen LoRA base])
 
 
 @flax.struct.dataclass
@@ -88,12 +89,16 @@ def embed(encoder: SentenceEncoder, use_dropout: bool, encoder_params: dict, ids
     return encoder(encoder_params, ids, mask, dropout_rng=rng if use_dropout else None)
 
 
-def loss_fn(params: dict, batch: Batch, rng: jax.Array, *, encoder: SentenceEncoder, use_dropout: bool,
-            loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None) -> tuple[jax.Array, Metrics]:
-    """(params, batch, dropout rng) -> (loss, metrics): embed both sides, then the objective."""
+def loss_fn(params: dict, batch: Batch, rng: jax.Array, frozen: dict | None = None, *, encoder: SentenceEncoder,
+            use_dropout: bool, loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None) -> tuple[jax.Array, Metrics]:
+    """(params, batch, dropout rng[, frozen LoRA base]) -> (loss, metrics): embed both sides, then the objective."""
+    if frozen:  # LoRA: the adapters over the base, which enters as a constant
+        params = {**params, "encoder": lora.join(frozen, params["encoder"])}
     q_rng, d_rng = jax.random.split(rng)
-    q = embed(encoder, use_dropout, params["encoder"], batch["query_input_ids"], batch["query_attention_mask"], q_rng)
-    d = embed(encoder, use_dropout, params["encoder"], batch["doc_input_ids"], batch["doc_attention_mask"], d_rng)
+    # Under the mesh, the encoder keeps its activations split along the batch (bert.shard_batch).
+    with contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        q = embed(encoder, use_dropout, params["encoder"], batch["query_input_ids"], batch["query_attention_mask"], q_rng)
+        d = embed(encoder, use_dropout, params["encoder"], batch["doc_input_ids"], batch["doc_attention_mask"], d_rng)
     return make_objective(loss_cfg, mesh, encoder.normalize)(params, q, d, batch)
 
 
@@ -107,9 +112,9 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.Gr
     `nonfinite` metric later and decides, by `train.on_nonfinite`, to log the skip or to stop.
     """
     rng = jax.random.fold_in(state.rng, state.step)
-    if state.frozen:  # LoRA: differentiate the adapters (and t, b) only; the base enters as a constant
+    if state.frozen:  # LoRA: differentiate the adapters (and t, b) only; the base is not an argument of the grad
         trained_fn = loss_fn
-        loss_fn = lambda p, b, r: trained_fn({**p, "encoder": lora.join(state.frozen, p["encoder"])}, b, r)
+        loss_fn = lambda p, b, r: trained_fn(p, b, r, state.frozen)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -89,8 +89,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     if chunk:
         grad_cache.check_chunk(config.train.global_batch_size, chunk, mesh)
     logit_init.check(config.loss)
-    if chunk and config.model.lora.rank:
-        raise ConfigError("train.grad_cache_chunk is not supported with LoRA (model.lora.rank > 0) yet; set it to 0")
     model = experiment.load_model(config.model, seed=config.seed)
     experiment.check_lengths(config, model)
     matryoshka.check(config.loss, model.config.hidden_size)
@@ -108,7 +106,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         loss_fn = grad_cache.make_cached_loss_fn(step_lib.make_embed_fn(model.encoder, use_dropout),
                                                  step_lib.make_objective(config.loss, mesh, model.encoder.normalize),
                                                  chunk=chunk, mesh=mesh,
-                                                 encoder_specs=grad_cache.param_specs(state.params["encoder"]))
+                                                 encoder_specs=grad_cache.param_specs(state.params["encoder"]),
+                                                 frozen_specs=grad_cache.param_specs(state.frozen))
     else:
         loss_fn = step_lib.make_loss_fn(model.encoder, config.loss, mesh, use_dropout)
     step_fn = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, tx, schedule), mesh, state)

@@ -225,7 +225,7 @@ def test_merged_and_peft_exports_embed_like_bixse(run, tmp_path):
 
 
 def test_decoder_lora_on_an_fsdp_mesh_with_a_bfloat16_base(tmp_path):
-    """Llama with LoRA on 8 fsdp devices: adapters shard along their kernel's split axis, the base is
+    """Llama with LoRA on 8 fsdp devices, gradient caching on: adapters shard along their kernel's split axis, the base is
     stored in bfloat16 and stays as it was, and the PEFT folder names exactly the adapted layers."""
     pytest.importorskip("transformers")
     from test_decoder_export import _folder
@@ -233,6 +233,7 @@ def test_decoder_lora_on_an_fsdp_mesh_with_a_bfloat16_base(tmp_path):
     c = tiny_config(base_dir, pairs_jsonl(tmp_path / "pairs.jsonl"), num_steps=2, checkpoint_every=2, log_every=1)
     c.model.lora.update({"rank": 2, "targets": ("q_proj", "o_proj", "down_proj"), "base_dtype": "bfloat16"})
     c.mesh.fsdp = 8
+    c.train.grad_cache_chunk = 8  # the cached step: base shards gathered per sub-batch, never differentiated
     summary, state = train(c, tmp_path / "run", show_progress=False)
     assert summary["steps"] == 2
     layer = state.params["encoder"]["model"]["layers"]["0"]
@@ -252,3 +253,27 @@ def test_decoder_lora_on_an_fsdp_mesh_with_a_bfloat16_base(tmp_path):
     adapter = export.export_model(model, tmp_path / "peft", "peft")
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["target_modules"] == r"(?:layers\.\d+\.mlp\.down_proj|layers\.\d+\.self_attn\.o_proj|layers\.\d+\.self_attn\.q_proj)"
+
+
+def test_gradient_caching_differentiates_the_adapters_alone():
+    """The cached step's LoRA gradient (the base a fourth, undifferentiated argument) equals plain backprop's."""
+    from bixse_jax import grad_cache, parallel, step
+    config = architectures.with_lora(FAMILIES["bert"][0], lora.LoraSpec(2, 4.0, targets=("query", "value")))
+    adapters, base = lora.split(jax.device_get(architectures.init_params(config, jax.random.key(3))))
+    adapters = jax.tree.map(lambda x: x + 0.1 if x.shape[0] == 2 else x, adapters)  # B non-zero: A has a gradient
+    params = {"encoder": adapters, "log_temperature": jnp.float32(2.3), "bias": jnp.float32(-3.0)}
+    encoder, loss_cfg, mesh = SentenceEncoder(config), base_config().loss, parallel.make_mesh(-1, 1)
+    rng = np.random.default_rng(0)
+    batch = {"query_input_ids": rng.integers(1, 64, (16, 6)), "doc_input_ids": rng.integers(1, 64, (16, 10)),
+             "query_ids": np.arange(16) % 5, "doc_ids": np.arange(16), "grades": rng.uniform(size=16).astype(np.float32)}
+    batch.update(query_attention_mask=np.ones((16, 6), np.int32), doc_attention_mask=np.ones((16, 10), np.int32))
+    batch = parallel.global_batch(batch, mesh)
+    plain = step.make_loss_fn(encoder, loss_cfg, mesh, use_dropout=False)
+    cached = grad_cache.make_cached_loss_fn(step.make_embed_fn(encoder, False), step.make_objective(loss_cfg, mesh),
+                                            chunk=8, mesh=mesh)
+    grad = lambda fn: jax.jit(jax.grad(lambda p, f: fn(p, batch, jax.random.key(0), f)[0]))(params, base)
+    want, got = grad(plain), grad(cached)
+    assert jax.tree.structure(got) == jax.tree.structure(params)  # the adapters and t, b: nothing of the base
+    assert np.abs(np.asarray(want["encoder"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["lora_a"])).max() > 0
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 from typing import Any
 
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from bixse_jax import parallel
 from bixse_jax.errors import ConfigError, UserError
 from bixse_jax.models import bf16_matmul, cpu_blas, lora
 
@@ -132,6 +134,24 @@ def check_compute_settings(cfg: Any) -> None:
                           f"and matmul_dtype {cfg.matmul_dtype!r}")
     if cfg.remat not in REMAT_POLICIES:
         raise ConfigError(f"remat {cfg.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+
+
+def shard_batch(x: jax.Array) -> jax.Array:
+    """`x` kept split along its batch dimension over the mesh's batch axes, when the step traces under a
+    mesh (`jax.set_mesh`, step.loss_fn) whose batch axes are not manual (shard_map) and divide the batch.
+
+    Between layers: under FSDP the weights are split along `embed`, and left to itself XLA may
+    resolve the clash by gathering the batch instead of the weights (whole-batch activations on
+    every device: 42 GiB of Llama-3.2-1B temporaries a device, docs/benchmarks.md "LoRA").
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in parallel.BATCH_AXES if a in mesh.axis_names
+                 and mesh.axis_types[mesh.axis_names.index(a)] != jax.sharding.AxisType.Manual)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
 
 
 def bf16_fast_path(cfg: Any) -> bool:
@@ -294,7 +314,7 @@ class LayerStack(nn.Module):
         if cfg.remat != "none":
             layer_cls = nn.remat(Layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
         for i in range(cfg.num_hidden_layers):
-            x = layer_cls(cfg, self.deterministic, name=str(i))(x, attention_mask)
+            x = shard_batch(layer_cls(cfg, self.deterministic, name=str(i))(shard_batch(x), attention_mask))
         return x
 
 

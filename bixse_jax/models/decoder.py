@@ -28,7 +28,7 @@ from flax import linen as nn
 from bixse_jax.errors import ConfigError
 from bixse_jax.models import lora, rope
 from bixse_jax.models.bert import (_ACTIVATIONS, REMAT_POLICIES, attention_einsum, check_compute_settings,
-                                   dense_dtype_and_dot)
+                                   dense_dtype_and_dot, shard_batch)
 
 DECODER_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DECODER_ATTENTION_IMPLS = (None, "xla", "einsum")  # cuDNN's lengths cannot say "left padding"
@@ -270,7 +270,7 @@ class _Layers(nn.Module):
         if cfg.remat != "none":
             layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
         for i in range(cfg.num_hidden_layers):
-            x = layer_cls(cfg, name=str(i))(x, cos, sin, mask)
+            x = shard_batch(layer_cls(cfg, name=str(i))(shard_batch(x), cos, sin, mask))
         return x
 
 

@@ -29,7 +29,7 @@ from flax import linen as nn
 from bixse_jax.errors import ConfigError
 from bixse_jax.models import lora, rope
 from bixse_jax.models.bert import (_ACTIVATIONS, REMAT_POLICIES, attention_einsum, check_compute_settings,
-                                   dense_dtype_and_dot)
+                                   dense_dtype_and_dot, shard_batch)
 from bixse_jax.models.decoder import attend
 
 MODERNBERT_MODEL_TYPES = ("modernbert",)
@@ -230,7 +230,7 @@ class _Layers(nn.Module):
             layer_cls = nn.remat(EncoderLayer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
         for i, layer_type in enumerate(cfg.layer_types):
             cos, sin = rotations[layer_type]
-            x = layer_cls(cfg, i == 0, name=str(i))(x, cos, sin, masks[layer_type])
+            x = shard_batch(layer_cls(cfg, i == 0, name=str(i))(shard_batch(x), cos, sin, masks[layer_type]))
         return x
 
 
