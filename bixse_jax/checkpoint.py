@@ -30,6 +30,7 @@ from etils import epath
 from flax import traverse_util
 
 from bixse_jax import matryoshka
+from bixse_jax.default_config import base_config
 from bixse_jax.errors import UserError
 from bixse_jax.models import lora
 from bixse_jax.models.architectures import param_shapes
@@ -151,11 +152,14 @@ def check_config(workdir: epath.Path, config_json: str) -> bool:
 
 
 def config_differences(saved: dict, current: dict, allowed: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
-    """'key: checkpoint X, now Y' for every key that differs and may not change across a resume."""
+    """'key: checkpoint X, now Y' for every key that differs and may not change across a resume. A key
+    the checkpoint's config lacks (added to bixse-jax since, e.g. model.lora.*) at its default now is no difference."""
     flat = lambda d: {".".join(k): v for k, v in traverse_util.flatten_dict(d).items()}
     old, new = flat(saved), flat(current)
+    defaults = flat(json.loads(base_config().to_json_best_effort()))
+    newer = lambda k: k not in old and k in defaults and new.get(k) == defaults[k]
     return [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-            if old.get(k) != new.get(k) and not k.startswith(allowed)]
+            if old.get(k) != new.get(k) and not k.startswith(allowed) and not newer(k)]
 
 
 # --- everything else: the model of one step ------------------------------------------------------

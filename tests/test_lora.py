@@ -110,6 +110,17 @@ def test_config_errors_name_the_key():
     assert defaults == bert.LORA_DEFAULT_TARGETS
 
 
+def test_runs_saved_before_lora_existed_still_resume():
+    current = json.loads(base_config().to_json_best_effort())
+    older = json.loads(json.dumps(current))
+    del older["model"]["lora"]  # a config.json written before model.lora.* existed
+    assert checkpoint.config_differences(older, current) == []
+    changed = json.loads(json.dumps(current))
+    changed["model"]["lora"]["rank"] = 8
+    assert checkpoint.config_differences(older, changed) == ["model.lora.rank: checkpoint None, now 8"]
+    assert checkpoint.config_differences(current, changed) == ["model.lora.rank: checkpoint 0, now 8"]
+
+
 # --- a tiny BERT trained with LoRA --------------------------------------------------------------------
 
 def _config(base_dir, data, **train):
