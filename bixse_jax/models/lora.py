@@ -111,7 +111,8 @@ class Dense(nn.Dense):
                        self.param_dtype)
         x = nn.Dropout(spec.dropout)(inputs, deterministic=not spec.dropout or not self.has_rng("dropout"))
         x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=self.dtype)
-        contract = lambda lhs, rhs: self.dot_general(lhs, rhs, (((lhs.ndim - 1,), (0,)), ((), ())))
+        dot = self.dot_general or jax.lax.dot_general
+        contract = lambda lhs, rhs: dot(lhs, rhs, (((lhs.ndim - 1,), (0,)), ((), ())))
         return y + contract(contract(x, a), b) * jnp.asarray(spec.scaling, y.dtype)
 
 
