@@ -288,3 +288,45 @@ def test_gradient_caching_differentiates_the_adapters_alone():
     assert np.abs(np.asarray(want["encoder"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["lora_a"])).max() > 0
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["qwen2", "modernbert"])
+def test_peft_folder_loads_onto_decoder_and_modernbert_bases(case, tmp_path):
+    """PEFT's module names for the other families: AutoModel's (LlamaModel / Qwen2Model have no `model.`)."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
+    import dataclasses
+    import transformers
+    from test_decoder_export import TEXTS as WORD_TEXTS, _folder
+    from bixse_jax.models.sentence_model import with_adapters
+    if case == "modernbert":
+        from test_modernbert import _folder as modernbert_folder
+        base_dir = modernbert_folder("masked_lm", tmp_path / case)
+        targets = ("Wqkv", "mlp.Wo")
+    else:
+        base_dir, targets = _folder(tmp_path, case), ("q_proj", "v_proj", "up_proj")
+    model = with_adapters(bixse_jax.load_encoder(base_dir), lora.LoraSpec(3, 5.0, targets=targets), seed=1)
+    model = dataclasses.replace(model, params=jax.tree_util.tree_map_with_path(  # B non-zero, as after training
+        lambda path, x: x + 0.03 if path[-1].key == "lora_b" else x, model.params))
+    out = export.export_model(model, tmp_path / "peft", "peft")
+    on_base = peft.PeftModel.from_pretrained(transformers.AutoModel.from_pretrained(str(base_dir)), str(out)).eval()
+    assert len([n for n, _ in on_base.named_modules() if n.endswith(".lora_A")]) == model.config.num_hidden_layers * len(targets)
+    want = bixse_jax.encode(model, WORD_TEXTS)
+    assert np.abs(want - bixse_jax.encode(bixse_jax.load_encoder(base_dir), WORD_TEXTS)).max() > 1e-4
+    np.testing.assert_allclose(_peft_embed(on_base, model, WORD_TEXTS), want, atol=1e-5)
+
+
+def _peft_embed(peft_model, model, texts):
+    """The PEFT model on bixse-jax's own token ids (right-padded), pooled and normalised as `model` is."""
+    import torch
+    ids = model.tokenizer.encode(texts, 64)
+    n = max(len(x) for x in ids)
+    mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids])
+    batch = torch.tensor([list(x) + [model.tokenizer.pad_id] * (n - len(x)) for x in ids])
+    with torch.no_grad():
+        hidden = peft_model(input_ids=batch, attention_mask=mask).last_hidden_state
+    if model.settings.pooling == "mean":
+        m = mask[..., None].to(hidden.dtype)
+        out = ((hidden * m).sum(1) / m.sum(1)).numpy()
+    else:
+        out = hidden[torch.arange(len(texts)), mask.sum(1) - 1].numpy()
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
