@@ -113,7 +113,7 @@ class Dense(nn.Dense):
         x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=self.dtype)
         dot = self.dot_general or jax.lax.dot_general
         contract = lambda lhs, rhs: dot(lhs, rhs, (((lhs.ndim - 1,), (0,)), ((), ())))
-        return y + contract(contract(x, a), b) * jnp.asarray(spec.scaling, y.dtype)
+        return y + contract(contract(x, a).astype(x.dtype), b).astype(y.dtype) * jnp.asarray(spec.scaling, y.dtype)
 
 
 # --- parameter trees -------------------------------------------------------------------------------
