@@ -209,6 +209,7 @@ def test_merged_and_peft_exports_embed_like_bixse(run, tmp_path):
     theirs = st.SentenceTransformer(str(folder), device="cpu").encode(TEXTS, convert_to_numpy=True)
     np.testing.assert_allclose(theirs, want, atol=1e-5)
     assert not [k for k in _flat(bixse_jax.load_encoder(folder).params) if "lora" in k]  # merged: plain weights
+    assert "LoRA: rank 4, alpha 8, dropout 0 on query, value, dense; the base frozen" in (folder / "README.md").read_text()
     base = bixse_jax.load_encoder(base_dir)
     assert np.abs(bixse_jax.encode(base, TEXTS) - want).max() > 1e-4  # the adapters changed the model
 
