@@ -41,7 +41,6 @@ from bixse_jax.models import lora
 Specs = Any  # a tree of PartitionSpecs shaped like the encoder parameters, or None (whole everywhere)
 EmbedFn = Callable[[dict, jax.Array, jax.Array, jax.Array], jax.Array]
 EmbeddingLossFn = Callable[[dict, jax.Array, jax.Array, step.Batch], tuple[jax.Array, step.Metrics]]
-LossFn = step.LossFn
 
 _INPUTS = ("query_input_ids", "query_attention_mask", "doc_input_ids", "doc_attention_mask")
 
@@ -245,7 +244,7 @@ def make_cached_value_and_grad(embed: EmbedFn, embedding_loss: EmbeddingLossFn, 
 
 
 def make_cached_loss_fn(embed: EmbedFn, embedding_loss: EmbeddingLossFn, *, chunk: int,
-                        mesh: Mesh | None, encoder_specs: Specs = None, frozen_specs: Specs = None) -> LossFn:
+                        mesh: Mesh | None, encoder_specs: Specs = None, frozen_specs: Specs = None) -> step.LossFn:
     """A drop-in for `step.make_loss_fn(...)` whose gradient is computed by gradient caching.
 
     A `jax.custom_vjp`: the forward pass of `jax.grad` runs both GradCache passes and keeps only
@@ -277,10 +276,10 @@ def make_cached_loss_fn(embed: EmbedFn, embedding_loss: EmbeddingLossFn, *, chun
     return lambda params, batch, dropout_rng, frozen=None: cached(params, batch, dropout_rng, frozen or {})
 
 
-def make_chunked_loss_fn(embed: EmbedFn, embedding_loss: EmbeddingLossFn, *, chunk: int,
-                         mesh: Mesh | None, encoder_specs: Specs = None) -> LossFn:
+def make_chunked_loss_fn(embed: EmbedFn, embedding_loss: EmbeddingLossFn, *, chunk: int, mesh: Mesh | None,
+                         encoder_specs: Specs = None, frozen_specs: Specs = None) -> step.LossFn:
     """Plain backprop through the sub-batched forward pass: what the cached loss fn computes, without caching."""
-    chunked_embed = make_chunked_embed(embed, chunk=chunk, mesh=mesh, encoder_specs=encoder_specs)
+    chunked_embed = make_chunked_embed(embed, chunk=chunk, mesh=mesh, encoder_specs=encoder_specs, frozen_specs=frozen_specs)
 
     def loss_fn(params, batch, dropout_rng, frozen=None):
         check_chunk(batch["query_input_ids"].shape[0], chunk, mesh)
