@@ -26,6 +26,9 @@ allocated (jax.eval_shape), so a large model's XLA memory plan can be read on a 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/train_throughput.py \
       --models qwen2.5-1.5b --batches 256 --chunk 32 --query-len 64 --doc-len 256 --fsdp 8 --compile-only
 
+`--lora-rank R` trains LoRA adapters (model.lora.*) on the attention projections over a frozen base
+(`--lora-base-dtype bfloat16` stores it in bfloat16).
+
 Each setting runs in a fresh process when there are several (`--isolate`, default): peak memory
 is then the setting's own and an out-of-memory cannot poison the next setting.
 """
@@ -94,6 +97,8 @@ class Setting:
     prng: str = "threefry2x32"
     compile_only: bool = False  # only XLA's memory plan and the compile time (e.g. on CPU for GPU shapes)
     fsdp: int = 1  # mesh.fsdp: parameters and optimiser state split over this many devices
+    lora_rank: int = 0  # model.lora.rank: adapters on the family's attention projections, the base frozen; 0 = off
+    lora_base_dtype: str = "float32"  # model.lora.base_dtype: how the frozen base is stored
     peak_tflops: float | None = None  # None: 989 on GPU (H100/H200 dense bf16), no MFU elsewhere
     note: str = ""
 
@@ -127,7 +132,7 @@ def run_setting(s: Setting) -> dict[str, Any]:
     jax.config.update("jax_default_prng_impl", s.prng)
     from bixse_jax import grad_cache, parallel, step as step_lib
     from bixse_jax.default_config import base_config
-    from bixse_jax.models import architectures
+    from bixse_jax.models import architectures, lora
     from bixse_jax.models.bert import EncoderConfig
     from bixse_jax.models.decoder import DecoderConfig
     from bixse_jax.models.encoder import SentenceEncoder
@@ -158,16 +163,32 @@ def run_setting(s: Setting) -> dict[str, Any]:
         encoder = SentenceEncoder(enc_config)
         use_dropout = s.dropout > 0
     record["parameters"] = sum(math.prod(x.shape) for x in jax.tree.leaves(architectures.param_shapes(enc_config)))
+    if s.lora_rank:  # adapters (alpha = 2 rank) on the family's default targets; the base frozen
+        enc_config = architectures.with_lora(enc_config, lora.LoraSpec(s.lora_rank, 2.0 * s.lora_rank))
+        encoder = dataclasses.replace(encoder, config=enc_config)
+        record["lora_targets"] = list(enc_config.lora.targets)
     tx, schedule = step_lib.make_optimizer(config.train)
-    make_state = lambda key: step_lib.init_state(architectures.init_params(enc_config, key), config.loss, tx, seed=0)
+
+    def make_state(key):
+        params = architectures.init_params(enc_config, key)
+        if not s.lora_rank:
+            return step_lib.init_state(params, config.loss, tx, seed=0)
+        adapters, base = lora.split(params)
+        return step_lib.init_state(adapters, config.loss, tx, seed=0, frozen=lora.cast_base(base, s.lora_base_dtype))
+
     abstract = jax.eval_shape(make_state, jax.random.PRNGKey(0))  # shapes only: nothing allocated
     rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
-    param_shardings = parallel.param_shardings(abstract.params, mesh, rules, architectures.param_axes(enc_config))
+    axes = architectures.param_axes(enc_config)
+    param_shardings = parallel.param_shardings(abstract.params, mesh, rules, axes)
+    frozen_shardings = parallel.param_shardings({"encoder": abstract.frozen}, mesh, rules, axes)["encoder"] \
+        if s.lora_rank else {}
     params_sds = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                               abstract.params, param_shardings)
+    record["trained_parameters"] = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
     replicated = parallel.replicated(mesh)
     state_shardings = abstract.replace(step=replicated, rng=replicated, params=param_shardings,
-                                       opt_state=step_lib._opt_state_shardings(tx, params_sds, mesh))
+                                       opt_state=step_lib._opt_state_shardings(tx, params_sds, mesh),
+                                       frozen=frozen_shardings)
     if s.compile_only:  # lowered from shapes: a model far larger than this host's memory still compiles
         state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                              abstract, state_shardings)
@@ -178,7 +199,8 @@ def run_setting(s: Setting) -> dict[str, Any]:
         step = grad_cache.make_cached_train_step(step_lib.make_embed_fn(encoder, use_dropout),
                                                  step_lib.make_objective(config.loss, mesh), tx, schedule,
                                                  chunk=s.chunk, mesh=mesh,
-                                                 encoder_specs=grad_cache.param_specs(state.params["encoder"]))
+                                                 encoder_specs=grad_cache.param_specs(state.params["encoder"]),
+                                                 frozen_specs=grad_cache.param_specs(state.frozen))
     else:
         step = step_lib.make_train_step(step_lib.make_loss_fn(encoder, config.loss, mesh, use_dropout), tx, schedule)
     jitted = step_lib.jit_train_step(step, mesh, state)
@@ -378,6 +400,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--fsdp", type=int, default=1, help="mesh.fsdp: devices that split parameters and optimiser state")
     p.add_argument("--compile-only", action="store_true", help="report compile time and XLA's memory plan only")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="LoRA adapters of this rank on the attention projections, the base frozen (0: full fine-tuning)")
+    p.add_argument("--lora-base-dtype", default="float32", help="float32 | bfloat16: how a LoRA run stores its frozen base")
     p.add_argument("--prng", default="threefry2x32", help="jax_default_prng_impl (rbg is faster on GPU)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak for MFU (default: 989, H100/H200 dense bf16, on GPU; none elsewhere)")
@@ -407,7 +432,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = [Setting(m, b, dtype=dt, matmul_dtype=None if mm == "none" else mm, attention=a, remat=r, chunk=c, query_len=args.query_len,
                             doc_len=args.doc_len, dropout=args.dropout, steps=args.steps, repeats=args.repeats,
                             warmup=args.warmup, prng=args.prng, compile_only=args.compile_only, fsdp=args.fsdp,
-                            peak_tflops=args.peak_tflops)
+                            peak_tflops=args.peak_tflops, lora_rank=args.lora_rank,
+                            lora_base_dtype=args.lora_base_dtype)
                     for m, b, dt, mm, a, r, c in itertools.product(args.models, args.batches, args.dtype,
                                                                    args.matmul_dtype, args.attention, args.remat,
                                                                    args.chunk)]

@@ -30,9 +30,11 @@ from etils import epath
 from flax import traverse_util
 
 from bixse_jax import matryoshka
+from bixse_jax.default_config import base_config
 from bixse_jax.errors import UserError
+from bixse_jax.models import lora
 from bixse_jax.models.architectures import param_shapes
-from bixse_jax.models.sentence_model import SentenceModel, load_encoder
+from bixse_jax.models.sentence_model import SentenceModel, load_encoder, with_adapters
 
 CONFIG_NAME = "config.json"
 # Keys a resumed run may change: how long, how often to log/save/evaluate, and the device layout.
@@ -67,7 +69,9 @@ def make_manager(workdir: str | os.PathLike, *, keep: int, async_save: bool = Tr
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any]) -> None:
-    """Starts an (async) save of `step`; the caller decides when (every N steps, the last, on SIGTERM)."""
+    """Starts an (async) save of `step`; the caller decides when (every N steps, the last, on SIGTERM).
+    A LoRA run's frozen base is not saved: `data_state["lora_base"]` names it and its hash instead."""
+    state = state.replace(frozen={}) if getattr(state, "frozen", None) else state
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
 
@@ -75,8 +79,12 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict
 def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, dict[str, Any], int] | None:
     """(state, data_state, step) of the newest readable checkpoint, or None if there is none.
 
-    `target` (a state of the right structure and shardings) says how to lay the arrays out.
+    `target` (a state of the right structure and shardings) says how to lay the arrays out; its
+    frozen LoRA base, never saved, is put back into the restored state.
     """
+    frozen = getattr(target, "frozen", None)
+    if frozen:
+        target = target.replace(frozen={})
     steps = sorted(manager.all_steps(), reverse=True)
     damaged: list[int] = []
     for i, step in enumerate(steps):
@@ -91,10 +99,22 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, di
             damaged.append(step)
             continue
         _set_aside(manager, damaged)
-        return restored.state, dict(restored.data), step
+        state = restored.state.replace(frozen=frozen) if frozen else restored.state
+        return state, dict(restored.data), step
     if steps:
         raise RuntimeError(f"{manager.directory}: none of the checkpoints {steps} can be restored")
     return None
+
+
+def check_base(data_state: dict[str, Any], expected: dict[str, Any], where: Any) -> None:
+    """LoRA adapters belong to the base they were trained on ({"lora_base": {"model", "sha256"}}, as
+    `save` records it; {}: no LoRA): a checkpoint of another base, or of none, is refused."""
+    saved, now = data_state.get("lora_base"), expected.get("lora_base")
+    if (saved or {}).get("sha256") == (now or {}).get("sha256"):
+        return
+    describe = lambda b: f"{b['model']} (sha256 {b['sha256']})" if b else "no LoRA base (full fine-tuning)"
+    raise CheckpointError(f"{where}: the checkpoint was trained on {describe(saved)}, but the run now has "
+                          f"{describe(now)}; LoRA adapters only fit their own base: restore that base or use a new workdir")
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
@@ -132,11 +152,14 @@ def check_config(workdir: epath.Path, config_json: str) -> bool:
 
 
 def config_differences(saved: dict, current: dict, allowed: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
-    """'key: checkpoint X, now Y' for every key that differs and may not change across a resume."""
+    """'key: checkpoint X, now Y' for every key that differs and may not change across a resume. A key
+    the checkpoint's config lacks (added to bixse-jax since, e.g. model.lora.*) at its default now is no difference."""
     flat = lambda d: {".".join(k): v for k, v in traverse_util.flatten_dict(d).items()}
     old, new = flat(saved), flat(current)
+    defaults = flat(json.loads(base_config().to_json_best_effort()))
+    newer = lambda k: k not in old and k in defaults and new.get(k) == defaults[k]
     return [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-            if old.get(k) != new.get(k) and not k.startswith(allowed)]
+            if old.get(k) != new.get(k) and not k.startswith(allowed) and not newer(k)]
 
 
 # --- everything else: the model of one step ------------------------------------------------------
@@ -162,7 +185,8 @@ def restore_model(workdir: str | os.PathLike, step: int | None = None) -> Senten
     Only the "params" subtree of the saved TrainState is read (Orbax partial restore, to numpy):
     the optimiser state's layout never matters, and any device count can read any checkpoint.
     The target's shapes come from the run's base model (model.name_or_path), whose folder also
-    provides the tokenizer and config.json of the export.
+    provides the tokenizer and config.json of the export. A LoRA run's checkpoint holds adapters:
+    they are joined to that base (refused unless its weights hash as the run's did), unmerged.
     """
     root = workdir_path(workdir)
     cfg = read_run_config(root)
@@ -172,6 +196,7 @@ def restore_model(workdir: str | os.PathLike, step: int | None = None) -> Senten
                             normalize=model_cfg.get("normalize"), query_prompt=model_cfg.get("query_prefix") or "",
                             append_eos=bool(model_cfg.get("append_eos")),
                             **({"bidirectional": True} if model_cfg.get("bidirectional") else {}))
+        base = with_adapters(base, lora.spec_from_config(model_cfg.get("lora") or {}), seed=0)  # shapes only
     except (UserError, FileNotFoundError) as e:
         raise CheckpointError(f"{root / 'config.json'}: the run's base model (model.name_or_path) cannot be "
                           f"loaded: {e}") from e
@@ -182,24 +207,28 @@ def restore_model(workdir: str | os.PathLike, step: int | None = None) -> Senten
         options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
         item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
     try:
-        restored, step = _restore_params(manager, root, base, model_cfg["name_or_path"], step)
+        lora_base = _lora_source(base, model_cfg["name_or_path"])
+        restored, step = _restore_params(manager, root, base, model_cfg["name_or_path"], step, lora_base)
     finally:
         manager.close()
     params = restored.state["params"]
     encoder_params = {k: _float32_tree(v) for k, v in params["encoder"].items()}
+    if base.config.lora is not None:  # the adapters onto the base as the run stored it (base_dtype)
+        frozen = lora.cast_base(lora.split(base.params)[1], (model_cfg.get("lora") or {}).get("base_dtype", "float32"))
+        encoder_params = lora.join(_float32_tree(frozen), encoder_params)
     return dataclasses.replace(
         base, params=encoder_params,
         settings=dataclasses.replace(base.settings, max_seq_length=int(cfg["data"]["doc_max_len"])),
         log_temperature=float(np.float32(params["log_temperature"])), bias=float(np.float32(params["bias"])),
         query_max_len=int(cfg["data"]["query_max_len"]), doc_max_len=int(cfg["data"]["doc_max_len"]),
         source={"workdir": str(root), "step": int(step), "base_model": model_cfg["name_or_path"],
-                "loss": (cfg.get("loss") or {}).get("name")},
+                "loss": (cfg.get("loss") or {}).get("name"), **lora_base},
         matryoshka_dims=matryoshka.resolve_dims((cfg.get("loss") or {}).get("matryoshka_dims") or (),
                                                 base.config.hidden_size))
 
 
 def _restore_params(manager: ocp.CheckpointManager, root: epath.Path, base: SentenceModel, base_name: str,
-                    step: int | None) -> tuple[Any, int]:
+                    step: int | None, lora_base: dict[str, Any]) -> tuple[Any, int]:
     """(restored Composite with state.params only, step): metadata checked against the base model first."""
     steps = sorted(manager.all_steps())
     if not steps:
@@ -210,7 +239,9 @@ def _restore_params(manager: ocp.CheckpointManager, root: epath.Path, base: Sent
         raise CheckpointError(f"{root / 'checkpoints'}: no checkpoint of step {step}; there are steps {steps}")
     where = root / "checkpoints" / str(step)
 
-    expected = traverse_util.flatten_dict(param_shapes(base.config))
+    adapted = base.config.lora is not None
+    shapes = param_shapes(base.config)
+    expected = traverse_util.flatten_dict(lora.split(shapes)[0] if adapted else shapes)  # LoRA: adapters only
     try:
         saved = manager.item_metadata(step)["state"]
         saved = getattr(saved, "tree", saved)["params"]
@@ -230,13 +261,23 @@ def _restore_params(manager: ocp.CheckpointManager, root: epath.Path, base: Sent
     as_numpy = lambda tree: {k: as_numpy(v) if isinstance(v, dict) else ocp.RestoreArgs(restore_type=np.ndarray)
                              for k, v in tree.items()}
     item = {"params": {"encoder": _zeros(expected), "log_temperature": np.float32(0), "bias": np.float32(0)}}
+    data = {"data": ocp.args.JsonRestore()} if adapted else {}
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=item, restore_args=as_numpy(item), partial_restore=True)))
+            item=item, restore_args=as_numpy(item), partial_restore=True), **data))
     except Exception as e:
         raise CheckpointError(f"{where}: cannot be restored ({type(e).__name__}: {e}); other steps: "
                           f"{[s for s in steps if s != step]}") from e
+    if adapted:
+        check_base(dict(restored.data), lora_base, where)
     return restored, step
+
+
+def _lora_source(base: SentenceModel, name: str) -> dict[str, Any]:
+    """{"lora_base": {"model", "sha256"}} of a LoRA model's base (its weights' hash), as `save` records it; {}: no LoRA."""
+    if base.config.lora is None:
+        return {}
+    return {"lora_base": {"model": name, "sha256": lora.fingerprint(lora.split(base.params)[1])}}
 
 
 def _zeros(flat_shapes: dict[tuple[str, ...], Any]) -> dict:

@@ -35,6 +35,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.append_eos = False  # decoders: put eos after every text (last-token pooling, no eos added)
     c.model.attention_impl = ml_collections.FieldReference(None, field_type=str)  # bert.ATTENTION_IMPLS
     c.model.dropout = ml_collections.FieldReference(None, field_type=float)  # None: the HF config's
+    # LoRA (bixse_jax/models/lora.py): the base frozen, low-rank adapters A, B trained on the projections
+    # named in targets (by suffix, as PEFT's target_modules; (): the family's attention projections,
+    # e.g. q_proj,k_proj,v_proj,o_proj); the update is (alpha / rank) A B. rank 0: off (full fine-tuning).
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 0
+    c.model.lora.alpha = 16.0
+    c.model.lora.dropout = 0.0  # on the adapters' input only
+    c.model.lora.targets = ()  # e.g. ("q_proj", "v_proj"); a family's valid names: README, "LoRA"
+    c.model.lora.base_dtype = "float32"  # float32 | bfloat16: how the frozen base's matrices are stored
 
     c.data = ml_collections.ConfigDict()
     c.data.kind = "demo"  # demo | jsonl | beir | sts | arrayrecord (from `bixse-jax data build`)

@@ -13,8 +13,8 @@ import ml_collections
 from bixse_jax.data import sources
 from bixse_jax.data.batching import PairBatcher
 from bixse_jax.errors import ConfigError, UserError
-from bixse_jax.models import compute_policy
-from bixse_jax.models.sentence_model import SentenceModel, load_encoder, position_limit
+from bixse_jax.models import compute_policy, lora
+from bixse_jax.models.sentence_model import SentenceModel, load_encoder, position_limit, with_adapters
 
 if TYPE_CHECKING:
     from bixse_jax.eval.registry import Scheduled
@@ -25,12 +25,14 @@ def matmul_policy(cfg: ml_collections.ConfigDict) -> tuple[str | None, str]:
     return compute_policy.resolve_matmul_dtype(cfg.matmul_dtype, cfg.dtype, training=True)
 
 
-def load_model(cfg: ml_collections.ConfigDict) -> SentenceModel:
-    """The pretrained encoder named by `model.name_or_path`, with the training-time overrides.
+def load_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> SentenceModel:
+    """The pretrained encoder named by `model.name_or_path`, with the training-time overrides, and
+    fresh LoRA adapters (from `seed`) when `model.lora.rank` is set.
 
     Goes through the same loader as `bixse-jax eval` and the public API, so a bixse-jax export
     (its bixse.json pooling and prompt) fine-tunes like any HF / sentence-transformers folder.
     """
+    spec = lora.spec_from_config(cfg.lora)  # its ConfigErrors before the (slow) load
     matmul_dtype, _ = matmul_policy(cfg)
     overrides = {"dtype": cfg.dtype, "matmul_dtype": matmul_dtype, "remat": cfg.remat,
                  "attention_impl": cfg.attention_impl}
@@ -38,8 +40,9 @@ def load_model(cfg: ml_collections.ConfigDict) -> SentenceModel:
         overrides["hidden_dropout_prob"] = float(cfg.dropout)
     if cfg.bidirectional:  # decoders only; a BERT-family config refuses it
         overrides["bidirectional"] = True
-    return load_encoder(cfg.name_or_path, pooling=cfg.pooling, normalize=cfg.normalize,
-                        append_eos=bool(cfg.append_eos), **overrides)
+    model = load_encoder(cfg.name_or_path, pooling=cfg.pooling, normalize=cfg.normalize,
+                         append_eos=bool(cfg.append_eos), **overrides)
+    return with_adapters(model, spec, seed)
 
 
 def check_lengths(config: ml_collections.ConfigDict, model: SentenceModel) -> None:

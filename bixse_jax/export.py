@@ -12,6 +12,9 @@ Formats (`fmt`):
                          2_Normalize/ (if normalised): `SentenceTransformer(out)`.
   hf                     config.json, model.safetensors, tokenizer files: `transformers.AutoModel
                          .from_pretrained(out)` (PyTorch); the sentence-transformers folder less its modules.
+  peft                   a LoRA model's adapters alone (export_peft.py): adapter_config.json,
+                         adapter_model.safetensors, bixse.json: `peft.PeftModel.from_pretrained(base, out)`.
+A LoRA model (model.lora.rank > 0) exports to the other formats merged: each adapted kernel W + (alpha / r) A B.
 ModernBERT exports as `hf` and `sentence-transformers` only (ModernBertModel, transformers' tensor
 names, the source tokenizer, no pooler head: ModernBertModel has none; transformers has no Flax one).
 Decoder LLMs (llama, qwen2, qwen3) export as `hf` and `sentence-transformers` (architectures
@@ -23,28 +26,26 @@ exported: transformers would run it causally and embed differently.
 All add bixse.json (pooling, normalisation, query prompt, lengths, t, b, Matryoshka dims, provenance) for
 `load_encoder`, and README.md, a model card (bixse_jax/model_card.py): a folder the hub's upload command takes as it is.
 
-A folder is written into a hidden sibling and renamed into place when complete: a failed export
-leaves nothing half-written, and `overwrite` replaces an old export only once the new one is done.
+A folder is written into a hidden sibling and renamed into place when complete (export_folder.py): a failed
+export leaves nothing half-written, and `overwrite` replaces an old export only once the new one is done.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pathlib
 import shutil
-import uuid
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from bixse_jax import checkpoint, model_card
-from bixse_jax.errors import UserError
+from bixse_jax import checkpoint, export_peft, model_card
+from bixse_jax.export_folder import ExportError, check_target, staged_folder, write_json
 from bixse_jax.models import architectures, hf_io
-from bixse_jax.models.sentence_model import SIDECAR_NAME, SentenceModel, max_length
+from bixse_jax.models.sentence_model import SIDECAR_NAME, SentenceModel, max_length, merged
 
-FORMATS = ("hf-flax", "sentence-transformers", "hf")
+FORMATS = ("hf-flax", "sentence-transformers", "hf", "peft")
 # Every file a HF tokenizer of the BERT / RoBERTa / XLM-R families may need; those present are copied.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model")
@@ -55,15 +56,11 @@ _ST_MODULE = "sentence_transformers.models."
 _POOLER_SEED = 0
 
 
-class ExportError(UserError):
-    """An export that cannot be made: no checkpoint, a bad target folder, an unknown format."""
-
-
 def export_checkpoint(workdir: str | os.PathLike, out: str | os.PathLike, fmt: str, *, step: int | None = None,
                       overwrite: bool = False, max_shard_size: int | str = "10GB") -> pathlib.Path:
     """Restores a run's checkpoint (newest or `step`) and exports it as `fmt` into `out`."""
     _check_format(fmt)
-    _check_target(pathlib.Path(out), overwrite)  # before the (slow) restore
+    check_target(pathlib.Path(out), overwrite)  # before the (slow) restore
     model = checkpoint.restore_model(workdir, step)
     return export_model(model, out, fmt, overwrite=overwrite, max_shard_size=max_shard_size)
 
@@ -76,7 +73,7 @@ def export_model(model: SentenceModel, out: str | os.PathLike, fmt: str, *, over
         raise ExportError(f"model_type {model.config.model_type!r} cannot be exported; "
                           f"supported: {sorted(_ARCHITECTURES)}")
     out = pathlib.Path(out).absolute()
-    _check_target(out, overwrite)
+    check_target(out, overwrite)
     protected = [pathlib.Path(model.model_dir).absolute()]
     if model.source.get("workdir") and "://" not in model.source["workdir"]:
         protected.append(pathlib.Path(model.source["workdir"]))
@@ -84,6 +81,13 @@ def export_model(model: SentenceModel, out: str | os.PathLike, fmt: str, *, over
         if out == path or out in path.parents:
             raise ExportError(f"{out}: would replace {path}, which the export reads from; choose another --out")
     hf_io.parse_size(max_shard_size)  # a bad size fails before anything is written
+    if fmt == "peft":  # the adapters alone, for peft over the base (export_peft.py), and bixse.json
+        export_peft.check(model)
+        with staged_folder(out) as tmp:
+            export_peft.write(tmp, model)
+            write_json(tmp / SIDECAR_NAME, _sidecar(model, fmt, "none (LoRA adapters)"))
+        return out
+    model = merged(model)  # LoRA: full weights W + (alpha / r) A B, as the libraries load them
     decoder = architectures.is_decoder(model.config)
     native_names = decoder or architectures.is_modernbert(model.config)  # the tree keeps transformers' names
     if native_names:
@@ -92,8 +96,8 @@ def export_model(model: SentenceModel, out: str | os.PathLike, fmt: str, *, over
     else:
         pooler, pooler_origin = _pooler(model)
         pooler = {"pooler": pooler}
-    with _staged_folder(out) as tmp:
-        _write_json(tmp / "config.json", _hf_config(model))
+    with staged_folder(out) as tmp:
+        write_json(tmp / "config.json", _hf_config(model))
         if fmt == "hf-flax":
             hf_io.save_flax_weights(tmp, {**model.params, **pooler}, max_shard_size)
         elif native_names:
@@ -106,7 +110,7 @@ def export_model(model: SentenceModel, out: str | os.PathLike, fmt: str, *, over
             _write_decoder_tokenizer(model, tmp)
         else:
             _copy_tokenizer(model.model_dir, tmp)
-        _write_json(tmp / SIDECAR_NAME, _sidecar(model, fmt, pooler_origin))
+        write_json(tmp / SIDECAR_NAME, _sidecar(model, fmt, pooler_origin))
         model_card.write(tmp, model, fmt)  # README.md: huggingface_hub's model card
     return out
 
@@ -162,45 +166,13 @@ def _write_decoder_tokenizer(model: SentenceModel, tmp: pathlib.Path) -> None:
                     model_max_length=max_length(model, query=False))
     if model.config.eos_token_id is not None and "eos_token" not in settings:
         settings["eos_token"] = tok.id_to_token(model.config.eos_token_id)
-    _write_json(tmp / "tokenizer_config.json", settings)
+    write_json(tmp / "tokenizer_config.json", settings)
     for name in ("special_tokens_map.json", "added_tokens.json"):
         if (source / name).is_file():
             special = json.loads((source / name).read_text())
             if name == "special_tokens_map.json" and isinstance(special, dict):
                 special["pad_token"] = pad
-            _write_json(tmp / name, special)
-
-
-def _check_target(out: pathlib.Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out}: folder exists and is not empty; pass --overwrite (overwrite=True) to replace it")
-
-
-@contextlib.contextmanager
-def _staged_folder(out: pathlib.Path) -> Iterator[pathlib.Path]:
-    """Yields a hidden sibling folder to write into; on success it becomes `out` (replacing it)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.partial-{tag}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{tag}"
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_json(tmp / name, special)
 
 
 def _pooler(model: SentenceModel) -> tuple[dict, str]:
@@ -243,17 +215,17 @@ def _write_sentence_transformers_files(tmp: pathlib.Path, model: SentenceModel) 
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": _ST_MODULE + "Pooling"}]
     if settings.normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": _ST_MODULE + "Normalize"})
-    _write_json(tmp / "modules.json", modules)
-    _write_json(tmp / "sentence_bert_config.json",
+    write_json(tmp / "modules.json", modules)
+    write_json(tmp / "sentence_bert_config.json",
                 {"max_seq_length": max_length(model, query=False), "do_lower_case": False})
-    _write_json(tmp / "config_sentence_transformers.json", {
+    write_json(tmp / "config_sentence_transformers.json", {
         "prompts": {"query": settings.query_prompt} if settings.query_prompt else {},
         "default_prompt_name": None,
         # What training scored with: the cosine when normalised, else the raw dot product.
         "similarity_fn_name": "cosine" if settings.normalize else "dot",
         "model_type": "SentenceTransformer"})
     (tmp / "1_Pooling").mkdir()
-    _write_json(tmp / "1_Pooling" / "config.json", {
+    write_json(tmp / "1_Pooling" / "config.json", {
         "word_embedding_dimension": model.config.hidden_size,
         "pooling_mode_cls_token": settings.pooling == "cls",
         "pooling_mode_mean_tokens": settings.pooling == "mean",
@@ -264,7 +236,7 @@ def _write_sentence_transformers_files(tmp: pathlib.Path, model: SentenceModel) 
         "include_prompt": True})  # bixse-jax pools over the prompt's tokens too
     if settings.normalize:
         (tmp / "2_Normalize").mkdir()
-        _write_json(tmp / "2_Normalize" / "config.json", {})
+        write_json(tmp / "2_Normalize" / "config.json", {})
 
 
 def _copy_tokenizer(source: pathlib.Path, tmp: pathlib.Path) -> list[str]:
@@ -293,7 +265,3 @@ def _sidecar(model: SentenceModel, fmt: str, pooler_origin: str) -> dict[str, An
         "matryoshka_dims": list(model.matryoshka_dims) or None, "pooler": pooler_origin,
         "source": model.source,
     }
-
-
-def _write_json(path: pathlib.Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")

@@ -181,6 +181,11 @@ def _training(model: SentenceModel, config: dict | None, summary: dict | None) -
              f"steps), AdamW weight decay {train['weight_decay']:g}",
              f"- token limits: queries {data['query_max_len']}, documents {data['doc_max_len']}",
              f"- loss `{loss['name']}`: " + ", ".join(f"{k} = {v}" for k, v in sorted(loss.items()) if k != "name")]
+    adapters = config["model"].get("lora") or {}
+    if adapters.get("rank"):  # an export of a LoRA run holds the merged weights
+        lines += [f"- LoRA: rank {adapters['rank']}, alpha {adapters['alpha']:g}, dropout {adapters['dropout']:g} on "
+                  f"{', '.join(adapters['targets']) or 'the attention projections'}; the base frozen "
+                  f"({adapters['base_dtype']}), the adapters merged into these weights (W + alpha / rank A B)"]
     if summary and summary.get("command"):
         lines += ["", "Trained with:", "", "```bash", summary["command"], "```"]
     return "\n".join(lines)

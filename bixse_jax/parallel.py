@@ -106,6 +106,9 @@ def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
 
     Decoder modules (models/decoder.py) name their axes themselves; see `param_shardings`."""
     leaf, parent = path[-1], path[-2] if len(path) > 1 else ""
+    if leaf in ("lora_a", "lora_b"):  # LoRA's A [in, r] and B [r, out]: the kernel's axis on their side
+        kernel = logical_axes(path[:-1] + ("kernel",), 2)
+        return (kernel[0], "lora") if leaf == "lora_a" else ("lora", kernel[1])
     if leaf == "embedding":
         return ("vocab", "embed")
     if leaf == "kernel":

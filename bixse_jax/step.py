@@ -13,6 +13,7 @@ own `loss_fn` with the same signature and reuses `objective` and `train_step` as
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bixse_jax import blocked_loss, cell_stats, logit_init, losses, matryoshka, parallel
 from bixse_jax.errors import ConfigError
+from bixse_jax.models import lora
 from bixse_jax.models.encoder import SentenceEncoder
 from bixse_jax.targets import batch_targets
 
@@ -32,15 +34,22 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 # A loss fn that fits t and b itself returns them as these metrics; the step stores them as the params.
 REFIT_KEYS = ("refit/log_temperature", "refit/bias")
-LossFn = Callable[[dict, Batch, jax.Array], tuple[jax.Array, Metrics]]  # (params, batch, rng)
+LossFn = Callable[..., tuple[jax.Array, Metrics]]  # (params, batch, rng[, frozen LoRA base])
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
-    params: dict  # {"encoder": HF-layout tree, "log_temperature": (), "bias": ()}
+    params: dict  # {"encoder": HF-layout tree (LoRA: the adapters only), "log_temperature": (), "bias": ()}
     opt_state: optax.OptState
     rng: jax.Array  # raw uint32 key; dropout for step s uses fold_in(rng, s)
+    # LoRA: the frozen base encoder (no gradient, no optimiser state, never checkpointed); {}: none
+    frozen: dict = flax.struct.field(default_factory=dict)
+
+
+def encoder_params(state: TrainState) -> dict:
+    """The whole encoder tree the modules apply: the trained params, with the frozen base under LoRA."""
+    return lora.join(state.frozen, state.params["encoder"]) if state.frozen else state.params["encoder"]
 
 
 # --- the objective -------------------------------------------------------------------------------
@@ -80,12 +89,16 @@ def embed(encoder: SentenceEncoder, use_dropout: bool, encoder_params: dict, ids
     return encoder(encoder_params, ids, mask, dropout_rng=rng if use_dropout else None)
 
 
-def loss_fn(params: dict, batch: Batch, rng: jax.Array, *, encoder: SentenceEncoder, use_dropout: bool,
-            loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None) -> tuple[jax.Array, Metrics]:
-    """(params, batch, dropout rng) -> (loss, metrics): embed both sides, then the objective."""
+def loss_fn(params: dict, batch: Batch, rng: jax.Array, frozen: dict | None = None, *, encoder: SentenceEncoder,
+            use_dropout: bool, loss_cfg: ml_collections.ConfigDict, mesh: Mesh | None) -> tuple[jax.Array, Metrics]:
+    """(params, batch, dropout rng[, frozen LoRA base]) -> (loss, metrics): embed both sides, then the objective."""
+    if frozen:  # LoRA: the adapters over the base, which enters as a constant
+        params = {**params, "encoder": lora.join(frozen, params["encoder"])}
     q_rng, d_rng = jax.random.split(rng)
-    q = embed(encoder, use_dropout, params["encoder"], batch["query_input_ids"], batch["query_attention_mask"], q_rng)
-    d = embed(encoder, use_dropout, params["encoder"], batch["doc_input_ids"], batch["doc_attention_mask"], d_rng)
+    # Under the mesh, the encoder keeps its activations split along the batch (bert.shard_batch).
+    with contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        q = embed(encoder, use_dropout, params["encoder"], batch["query_input_ids"], batch["query_attention_mask"], q_rng)
+        d = embed(encoder, use_dropout, params["encoder"], batch["doc_input_ids"], batch["doc_attention_mask"], d_rng)
     return make_objective(loss_cfg, mesh, encoder.normalize)(params, q, d, batch)
 
 
@@ -99,6 +112,9 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.Gr
     `nonfinite` metric later and decides, by `train.on_nonfinite`, to log the skip or to stop.
     """
     rng = jax.random.fold_in(state.rng, state.step)
+    if state.frozen:  # LoRA: differentiate the adapters (and t, b) only; the base is not an argument of the grad
+        trained_fn = loss_fn
+        loss_fn = lambda p, b, r: trained_fn(p, b, r, state.frozen)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -167,10 +183,10 @@ def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def _decay_mask(params: Any) -> Any:
-    """Weight decay on matrices and embeddings only; never on biases, LayerNorm, t or b."""
+    """Weight decay on matrices, embeddings and LoRA adapters only; never on biases, LayerNorm, t or b."""
     def decays(path: tuple, _) -> bool:
         names = [getattr(p, "key", None) for p in path]
-        return names[0] == "encoder" and names[-1] in ("kernel", "embedding")
+        return names[0] == "encoder" and names[-1] in ("kernel", "embedding", "lora_a", "lora_b")
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -211,26 +227,31 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransf
 
 
 def init_state(encoder_params: dict, loss_cfg: ml_collections.ConfigDict,
-               tx: optax.GradientTransformation, seed: int) -> TrainState:
+               tx: optax.GradientTransformation, seed: int, frozen: dict | None = None) -> TrainState:
+    """Step 0. LoRA: `encoder_params` are the adapters and `frozen` the base (models/lora.py split)."""
     params = {"encoder": jax.tree.map(jnp.asarray, encoder_params),
               "log_temperature": jnp.asarray(loss_cfg.init_log_temperature, jnp.float32),
               "bias": jnp.asarray(loss_cfg.init_bias, jnp.float32)}
     return TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.PRNGKey(seed))
+                      rng=jax.random.PRNGKey(seed), frozen=jax.tree.map(jnp.asarray, frozen or {}))
 
 
 def init_sharded_state(encoder_params: dict, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-                       mesh: Mesh, encoder_axes: Any = None) -> TrainState:
-    """The initial state laid out on the mesh: params by the logical axis rules, optimiser alike.
+                       mesh: Mesh, encoder_axes: Any = None, frozen: dict | None = None) -> TrainState:
+    """The initial state laid out on the mesh: params by the logical axis rules, optimiser alike; a
+    LoRA base (`frozen`) by the same rules, so adapters and their base weights split alike.
 
     `encoder_axes`: logical axis names the encoder's module declares (decoders); None: guessed."""
     state = init_state(encoder_params, config.loss, tx, config.seed)
     rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
-    params = jax.device_put(state.params, parallel.param_shardings(state.params, mesh, rules, encoder_axes))
+    shard = lambda tree: jax.device_put(tree, parallel.param_shardings(tree, mesh, rules, encoder_axes))
+    params = shard(state.params)
+    base = shard({"encoder": frozen})["encoder"] if frozen else {}
     replicate = lambda x: jax.device_put(x, parallel.replicated(mesh))
     # Moments take their parameter's sharding (XLA left to itself replicates them); counters are replicated.
     opt_state = jax.jit(tx.init, out_shardings=_opt_state_shardings(tx, params, mesh))(params)
-    return TrainState(step=replicate(state.step), params=params, opt_state=opt_state, rng=replicate(state.rng))
+    return TrainState(step=replicate(state.step), params=params, opt_state=opt_state, rng=replicate(state.rng),
+                      frozen=base)
 
 
 def _opt_state_shardings(tx: optax.GradientTransformation, params: Any, mesh: Mesh) -> Any:

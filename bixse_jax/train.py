@@ -25,6 +25,7 @@ from tqdm import tqdm
 from bixse_jax import checkpoint, experiment, grad_cache, logit_init, matryoshka, parallel, step as step_lib
 from bixse_jax.data.prefetch import Prefetcher
 from bixse_jax.errors import ConfigError
+from bixse_jax.models import lora
 from bixse_jax.metric_writers import MetricsWriter
 from bixse_jax.preemption import PreemptionGuard
 
@@ -88,7 +89,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     if chunk:
         grad_cache.check_chunk(config.train.global_batch_size, chunk, mesh)
     logit_init.check(config.loss)
-    model = experiment.load_model(config.model)
+    model = experiment.load_model(config.model, seed=config.seed)
     experiment.check_lengths(config, model)
     matryoshka.check(config.loss, model.config.hidden_size)
     pairs = experiment.load_train_pairs(config.data)
@@ -98,13 +99,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     resuming_config = checkpoint.check_config(workdir, config_json)
 
     tx, schedule = step_lib.make_optimizer(config.train)
-    state = step_lib.init_sharded_state(model.params, config, tx, mesh, model.encoder.param_axes())
-    use_dropout = model.encoder.config.hidden_dropout_prob > 0
+    trained, frozen, lora_base = _trained_and_frozen(model, config.model)
+    state = step_lib.init_sharded_state(trained, config, tx, mesh, model.encoder.param_axes(), frozen=frozen)
+    use_dropout = model.encoder.config.hidden_dropout_prob > 0 or config.model.lora.dropout > 0
     if chunk:  # gradient caching: embed in sub-batches, backprop twice
         loss_fn = grad_cache.make_cached_loss_fn(step_lib.make_embed_fn(model.encoder, use_dropout),
                                                  step_lib.make_objective(config.loss, mesh, model.encoder.normalize),
                                                  chunk=chunk, mesh=mesh,
-                                                 encoder_specs=grad_cache.param_specs(state.params["encoder"]))
+                                                 encoder_specs=grad_cache.param_specs(state.params["encoder"]),
+                                                 frozen_specs=grad_cache.param_specs(state.frozen))
     else:
         loss_fn = step_lib.make_loss_fn(model.encoder, config.loss, mesh, use_dropout)
     step_fn = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, tx, schedule), mesh, state)
@@ -124,6 +127,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         state, data_state, step = restored
         if data_state.get("next_batch") != step:
             raise checkpoint.CheckpointError(f"{workdir}: checkpoint {step} records data position {data_state}, not {step}")
+        checkpoint.check_base(data_state, lora_base, workdir / "checkpoints" / str(step))
         summary["resumed_from_step"] = step
         logging.warning("resumed from checkpoint step %d in %s", step, workdir)
         print(f"[bixse-jax] resumed from checkpoint step {step}", file=sys.stderr, flush=True)
@@ -181,12 +185,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                     flush(done)
                 due = {name: e for name, e in evaluators.items() if e.every_steps and done % e.every_steps == 0}
                 if due and done < total:
-                    writer.write(done, _eval_scalars({name: e.evaluate(state.params["encoder"], logit_params(state))
+                    writer.write(done, _eval_scalars({name: e.evaluate(step_lib.encoder_params(state), logit_params(state))
                                                       for name, e in due.items()}))
                 every = config.train.checkpoint_every
                 if every and (done % every == 0 or done == total or preempted):
                     flush(done)  # under on_nonfinite=stop, never checkpoint past a bad step
-                    checkpoint.save(manager, done, state, {"next_batch": done})
+                    checkpoint.save(manager, done, state, {"next_batch": done, **lora_base})
                 if preempted:
                     summary["preempted_at_step"] = done
                     break
@@ -200,7 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     final = jax.device_get({k: state.params[k] for k in ("log_temperature", "bias")})
     summary.update({k: float(v) for k, v in final.items()})  # the run's final t and b, for results tables
     if evaluators and summary["steps"] >= config.train.num_steps:
-        summary["after"] = {name: e.evaluate(state.params["encoder"], logit_params(state))
+        summary["after"] = {name: e.evaluate(step_lib.encoder_params(state), logit_params(state))
                             for name, e in evaluators.items()}
         writer.write(summary["steps"], _eval_scalars(summary["after"]))
     writer.close()
@@ -218,7 +222,7 @@ def _fit_logit_params(state: step_lib.TrainState, model: Any, config: ml_collect
     n = min(config.loss.init_fit_batches, max(config.train.num_steps, 1))
     cells_fn = logit_init.make_cells_fn(model.encoder, config.loss, mesh, config.loss.init_fit_rows)
     batches = (parallel.global_batch(batcher.batch(s), mesh) for s in range(n))
-    fit = logit_init.fit_from_batches(cells_fn, state.params["encoder"], batches, config.loss)
+    fit = logit_init.fit_from_batches(cells_fn, step_lib.encoder_params(state), batches, config.loss)
     params = dict(state.params)
     for key in ("log_temperature", "bias"):
         params[key] = jax.device_put(np.asarray(fit[key], np.float32), state.params[key].sharding)
@@ -230,6 +234,16 @@ def _fit_logit_params(state: step_lib.TrainState, model: Any, config: ml_collect
     logging.info(message)
     print(message, file=sys.stderr, flush=True)
     return state.replace(params=params), fit
+
+
+def _trained_and_frozen(model: Any, cfg: ml_collections.ConfigDict) -> tuple[dict, dict | None, dict[str, Any]]:
+    """(trained encoder params, frozen base or None, the checkpoint's record of the base): without LoRA
+    the whole encoder trains; with it the adapters do, over the base kept in `model.lora.base_dtype`."""
+    if model.config.lora is None:
+        return model.params, None, {}
+    adapters, base = lora.split(model.params)
+    record = {"lora_base": {"model": cfg.name_or_path, "sha256": lora.fingerprint(base)}}
+    return adapters, lora.cast_base(base, cfg.lora.base_dtype), record
 
 
 def logit_params(state) -> tuple[float, float]:

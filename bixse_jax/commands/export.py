@@ -1,12 +1,14 @@
 """`bixse-jax export`: a run's checkpoint (or any model folder) as a transformers / sentence-transformers folder.
 
-  bixse-jax export --workdir DIR [--step N] --format hf-flax|sentence-transformers|hf --out DIR [--overwrite]
+  bixse-jax export --workdir DIR [--step N] --format hf-flax|sentence-transformers|hf|peft --out DIR [--overwrite]
   bixse-jax export --model PATH --format ... --out DIR      a model folder or hub name, untrained
 
 hf-flax: `FlaxBertModel.from_pretrained(DIR)` (transformers 4.x); sentence-transformers:
 `SentenceTransformer(DIR)`; hf: `transformers.AutoModel.from_pretrained(DIR)`. Decoder LLMs (llama, qwen2,
 qwen3; last-token pooling) and ModernBERT export as sentence-transformers or hf only. All hold bixse.json with the learned t and b, which
-`bixse_jax.load_encoder(DIR)` and `bixse_jax.predict_relevance` use. Prints a JSON summary.
+`bixse_jax.load_encoder(DIR)` and `bixse_jax.predict_relevance` use. A LoRA run exports merged (W + alpha / r A B),
+or as peft: its adapters alone, for `peft.PeftModel.from_pretrained(AutoModel.from_pretrained(BASE), DIR)`.
+Prints a JSON summary.
 """
 
 from __future__ import annotations

@@ -7,10 +7,12 @@ or a decoder LLM (decoder.py).
   param_axes(config)                logical axis names per parameter (decoders, ModernBERT); None:
                                     parallel.py guesses BERT's from the parameter paths
   torch_to_flax(config)             the renaming of transformers' tensor names for the family
+  with_lora(config, spec)           the config with LoRA adapters on the family's named projections
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Union
 
 import jax
@@ -19,7 +21,7 @@ import numpy as np
 from flax import linen as nn
 
 from bixse_jax.errors import ConfigError
-from bixse_jax.models import bert, decoder, hf_decoder_io, modernbert
+from bixse_jax.models import bert, decoder, hf_decoder_io, lora, modernbert
 
 ModelConfig = Union[bert.EncoderConfig, modernbert.ModernBertConfig, decoder.DecoderConfig]
 SUPPORTED_MODEL_TYPES = bert.SUPPORTED_MODEL_TYPES + modernbert.MODERNBERT_MODEL_TYPES + decoder.DECODER_MODEL_TYPES
@@ -91,3 +93,13 @@ def torch_to_flax(config: ModelConfig) -> Callable[[str, np.ndarray], tuple[tupl
     if is_decoder(config):
         return hf_decoder_io.torch_to_flax
     return modernbert.torch_to_flax if is_modernbert(config) else None
+
+
+def with_lora(config: ModelConfig, spec: lora.LoraSpec | None) -> ModelConfig:
+    """`config` whose targeted projections carry adapters; the targets are checked against the family's
+    (a ConfigError lists its valid names), none given: the family's attention projections. None: as it is."""
+    if spec is None:
+        return config
+    family = _family(config)
+    spec = lora.resolve_targets(spec, family.LORA_LINEARS, family.LORA_DEFAULT_TARGETS, config.model_type)
+    return dataclasses.replace(config, lora=spec)

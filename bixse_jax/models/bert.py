@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 from typing import Any
 
@@ -19,10 +20,15 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from bixse_jax import parallel
 from bixse_jax.errors import ConfigError, UserError
-from bixse_jax.models import bf16_matmul, cpu_blas
+from bixse_jax.models import bf16_matmul, cpu_blas, lora
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+# Linear layers inside a layer, by path (model.lora.targets match them by suffix: "dense" all three).
+LORA_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                "intermediate.dense", "output.dense")
+LORA_DEFAULT_TARGETS = ("query", "key", "value", "attention.output.dense")
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -72,6 +78,7 @@ class EncoderConfig:
     # "mkl": float32 dense layers multiply through Intel MKL on a CPU (models/cpu_blas.py; encoding
     # 1.4x faster than with XLA's dots on a 2-core CPU, docs/benchmarks.md); other backends keep XLA's.
     dense_impl: str = "xla"
+    lora: lora.LoraSpec | None = None  # adapters on the targeted projections (models/lora.py)
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -112,7 +119,7 @@ class EncoderConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The architecture fields, in HF's config.json vocabulary."""
-        skip = {"dtype", "matmul_dtype", "remat", "attention_impl", "dense_impl"}
+        skip = {"dtype", "matmul_dtype", "remat", "attention_impl", "dense_impl", "lora"}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
 
@@ -127,6 +134,24 @@ def check_compute_settings(cfg: Any) -> None:
                           f"and matmul_dtype {cfg.matmul_dtype!r}")
     if cfg.remat not in REMAT_POLICIES:
         raise ConfigError(f"remat {cfg.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+
+
+def shard_batch(x: jax.Array) -> jax.Array:
+    """`x` kept split along its batch dimension over the mesh's batch axes, when the step traces under a
+    mesh (`jax.set_mesh`, step.loss_fn) whose batch axes are not manual (shard_map) and divide the batch.
+
+    Between layers: under FSDP the weights are split along `embed`, and left to itself XLA may
+    resolve the clash by gathering the batch instead of the weights (whole-batch activations on
+    every device: 42 GiB of Llama-3.2-1B temporaries a device, docs/benchmarks.md "LoRA").
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in parallel.BATCH_AXES if a in mesh.axis_names
+                 and mesh.axis_types[mesh.axis_names.index(a)] != jax.sharding.AxisType.Manual)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
 
 
 def bf16_fast_path(cfg: Any) -> bool:
@@ -157,8 +182,8 @@ def dense_dtype_and_dot(cfg: Any) -> tuple[str, Any]:
 
 def _dense(cfg: EncoderConfig, features: int, name: str) -> nn.Dense:
     dtype, dot = dense_dtype_and_dot(cfg)
-    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, dot_general=dot,
-                    kernel_init=nn.initializers.normal(0.02), name=name)
+    return lora.Dense(features, dtype=dtype, param_dtype=jnp.float32, dot_general=dot,
+                      kernel_init=nn.initializers.normal(0.02), lora=cfg.lora, name=name)
 
 
 def _layer_norm(cfg: EncoderConfig, name: str) -> nn.LayerNorm:
@@ -289,7 +314,7 @@ class LayerStack(nn.Module):
         if cfg.remat != "none":
             layer_cls = nn.remat(Layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
         for i in range(cfg.num_hidden_layers):
-            x = layer_cls(cfg, self.deterministic, name=str(i))(x, attention_mask)
+            x = shard_batch(layer_cls(cfg, self.deterministic, name=str(i))(shard_batch(x), attention_mask))
         return x
 
 

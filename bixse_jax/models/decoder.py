@@ -26,12 +26,16 @@ import numpy as np
 from flax import linen as nn
 
 from bixse_jax.errors import ConfigError
-from bixse_jax.models import rope
+from bixse_jax.models import lora, rope
 from bixse_jax.models.bert import (_ACTIVATIONS, REMAT_POLICIES, attention_einsum, check_compute_settings,
-                                   dense_dtype_and_dot)
+                                   dense_dtype_and_dot, shard_batch)
 
 DECODER_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DECODER_ATTENTION_IMPLS = (None, "xla", "einsum")  # cuDNN's lengths cannot say "left padding"
+# Linear layers inside a layer, by path (model.lora.targets match them by suffix).
+LORA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +73,7 @@ class DecoderConfig:
     attention_impl: str | None = None
     dense_impl: str = "xla"
     hidden_dropout_prob: float = 0.0  # decoders here have no dropout; only 0 is accepted
+    lora: lora.LoraSpec | None = None  # adapters on the targeted projections (models/lora.py)
 
     def __post_init__(self):
         if self.model_type not in DECODER_MODEL_TYPES:
@@ -162,9 +167,10 @@ class DecoderConfig:
 
 def _dense(cfg: DecoderConfig, features: int, axes: tuple[str, str], use_bias: bool, name: str) -> nn.Dense:
     dtype, dot = dense_dtype_and_dot(cfg)
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, dot_general=dot,
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]), name=name)
+    return lora.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, dot_general=dot,
+                      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
+                      lora=cfg.lora, kernel_axes=axes, name=name)
 
 
 class RMSNorm(nn.Module):
@@ -264,7 +270,7 @@ class _Layers(nn.Module):
         if cfg.remat != "none":
             layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
         for i in range(cfg.num_hidden_layers):
-            x = layer_cls(cfg, name=str(i))(x, cos, sin, mask)
+            x = shard_batch(layer_cls(cfg, name=str(i))(shard_batch(x), cos, sin, mask))
         return x
 
 

@@ -27,15 +27,18 @@ import numpy as np
 from flax import linen as nn
 
 from bixse_jax.errors import ConfigError
-from bixse_jax.models import rope
+from bixse_jax.models import lora, rope
 from bixse_jax.models.bert import (_ACTIVATIONS, REMAT_POLICIES, attention_einsum, check_compute_settings,
-                                   dense_dtype_and_dot)
+                                   dense_dtype_and_dot, shard_batch)
 from bixse_jax.models.decoder import attend
 
 MODERNBERT_MODEL_TYPES = ("modernbert",)
 MODERNBERT_ATTENTION_IMPLS = (None, "xla", "einsum")  # cuDNN's lengths cannot express a sliding window
 LAYER_TYPES = ("full_attention", "sliding_attention")
-_TRAINING_FIELDS = {"dtype", "matmul_dtype", "remat", "attention_impl", "dense_impl", "hidden_dropout_prob"}
+_TRAINING_FIELDS = {"dtype", "matmul_dtype", "remat", "attention_impl", "dense_impl", "hidden_dropout_prob", "lora"}
+# Linear layers inside a layer, by path (model.lora.targets match them by suffix: "Wo" both).
+LORA_LINEARS = ("attn.Wqkv", "attn.Wo", "mlp.Wi", "mlp.Wo")
+LORA_DEFAULT_TARGETS = ("Wqkv", "attn.Wo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +72,7 @@ class ModernBertConfig:
     attention_impl: str | None = None
     dense_impl: str = "xla"
     hidden_dropout_prob: float = 0.0  # no dropout here; only 0 is accepted
+    lora: lora.LoraSpec | None = None  # adapters on the targeted projections (models/lora.py)
 
     def __post_init__(self):
         if self.model_type not in MODERNBERT_MODEL_TYPES:
@@ -146,9 +150,10 @@ class ModernBertConfig:
 
 def _dense(cfg: ModernBertConfig, features: int, axes: tuple[str, str], use_bias: bool, name: str) -> nn.Dense:
     dtype, dot = dense_dtype_and_dot(cfg)
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, dot_general=dot,
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]), name=name)
+    return lora.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, dot_general=dot,
+                      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
+                      lora=cfg.lora, kernel_axes=axes, name=name)
 
 
 class LayerNorm(nn.Module):
@@ -225,7 +230,7 @@ class _Layers(nn.Module):
             layer_cls = nn.remat(EncoderLayer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
         for i, layer_type in enumerate(cfg.layer_types):
             cos, sin = rotations[layer_type]
-            x = layer_cls(cfg, i == 0, name=str(i))(x, cos, sin, masks[layer_type])
+            x = shard_batch(layer_cls(cfg, i == 0, name=str(i))(shard_batch(x), cos, sin, masks[layer_type]))
         return x
 
 

@@ -3,6 +3,7 @@
   load_encoder(path)   HF / sentence-transformers folder, a bixse-jax export, or a hub name -> SentenceModel
   position_limit(m)    the most tokens the position table allows (the one definition of that limit)
   max_length(m, ...)   the token limit for queries or documents
+  with_adapters(m, spec, seed) / merged(m)   LoRA adapters attached (B zero), or merged into the weights
 
 An exported folder carries bixse.json (written by bixse_jax.export): pooling, normalisation, the
 query prompt, the training lengths, t, b and the Matryoshka dims; `read_sidecar` checks it field by field.
@@ -17,7 +18,7 @@ import pathlib
 from typing import Any
 
 from bixse_jax.data.tokenizer import Tokenizer
-from bixse_jax.models import architectures, hf_io
+from bixse_jax.models import architectures, hf_io, lora
 from bixse_jax.models.encoder import SentenceEncoder
 from bixse_jax.models.pooling import POOLING_MODES
 
@@ -136,3 +137,26 @@ def max_length(model: SentenceModel, *, query: bool) -> int:
     limit = position_limit(model)
     chosen = model.query_max_len if query else model.doc_max_len
     return min(chosen or model.settings.max_seq_length or limit, limit)
+
+
+def with_adapters(model: SentenceModel, spec: lora.LoraSpec | None, seed: int) -> SentenceModel:
+    """`model` with fresh LoRA adapters on `spec`'s targets (A random, B zero: it embeds as before)."""
+    config = architectures.with_lora(model.config, spec)
+    if config is model.config:
+        return model
+    adapters = lora.init_adapters(architectures.param_shapes(config), seed)
+    return _replace_encoder(model, config, lora.join(model.params, adapters))
+
+
+def merged(model: SentenceModel) -> SentenceModel:
+    """`model` with its adapters merged into the base weights (W + alpha / r A B): a plain model of the
+    family, as transformers and sentence-transformers load it. A model without adapters is returned as is."""
+    if model.config.lora is None:
+        return model
+    return _replace_encoder(model, dataclasses.replace(model.config, lora=None),
+                            lora.merge(model.params, model.config.lora))
+
+
+def _replace_encoder(model: SentenceModel, config: architectures.ModelConfig, params: dict) -> SentenceModel:
+    encoder = SentenceEncoder(config, pooling=model.encoder.pooling, normalize=model.encoder.normalize)
+    return dataclasses.replace(model, encoder=encoder, params=params)
