@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+import tiny_data
 
 import bixse_jax
 from bixse_jax import cli, experiment
@@ -23,20 +24,7 @@ MAX_LEN = 64  # SciFact abstracts cut short: the filters, not the model, are und
 @pytest.fixture(scope="module")
 def scifact_subset(shared_data, tmp_path_factory):
     """20 SciFact train queries, their positives and 160 other abstracts, as a BEIR folder."""
-    src = shared_data / "scifact"
-    rows = [line.split("\t") for line in (src / "qrels" / "train.tsv").read_text().splitlines()[1:]]
-    qids = list(dict.fromkeys(q for q, _, _ in rows))[:20]
-    rows = [r for r in rows if r[0] in qids]
-    corpus = [json.loads(line) for line in (src / "corpus.jsonl").read_text().splitlines()]
-    wanted = {d for _, d, _ in rows}
-    keep = [c for c in corpus if c["_id"] in wanted] + [c for c in corpus if c["_id"] not in wanted][:160]
-    queries = [json.loads(line) for line in (src / "queries.jsonl").read_text().splitlines()]
-    out = tmp_path_factory.mktemp("scifact_subset")
-    (out / "qrels").mkdir()
-    (out / "corpus.jsonl").write_text("".join(json.dumps(c) + "\n" for c in keep))
-    (out / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries if q["_id"] in qids))
-    (out / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join("\t".join(r) + "\n" for r in rows))
-    return out
+    return tiny_data.scifact_subset(shared_data / "scifact", tmp_path_factory.mktemp("scifact_subset"), "train", 20, 160)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 
+import tiny_data
 from conftest import skip_unless_ci
 
 try:
@@ -33,20 +34,7 @@ def _write_jsonl(path, rows):
 @pytest.fixture(scope="module")
 def scifact_subset(shared_data, tmp_path_factory):
     """20 SciFact test queries, their judged abstracts and 80 others, as a BEIR folder."""
-    src = shared_data / "scifact"
-    rows = [line.split("\t") for line in (src / "qrels" / "test.tsv").read_text().splitlines()[1:]]
-    qids = list(dict.fromkeys(q for q, _, _ in rows))[:20]
-    rows = [r for r in rows if r[0] in qids]
-    judged = {d for _, d, _ in rows}
-    corpus = [json.loads(line) for line in (src / "corpus.jsonl").read_text().splitlines()]
-    queries = [json.loads(line) for line in (src / "queries.jsonl").read_text().splitlines()]
-    out = tmp_path_factory.mktemp("scifact_mteb")
-    (out / "qrels").mkdir()
-    _write_jsonl(out / "corpus.jsonl", [c for c in corpus if c["_id"] in judged]
-                 + [c for c in corpus if c["_id"] not in judged][:80])
-    _write_jsonl(out / "queries.jsonl", [q for q in queries if q["_id"] in qids])
-    (out / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join("\t".join(r) + "\n" for r in rows))
-    return out
+    return tiny_data.scifact_subset(shared_data / "scifact", tmp_path_factory.mktemp("scifact_mteb"), "test", 20, 80)
 
 
 @pytest.fixture(scope="module")

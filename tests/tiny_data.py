@@ -35,3 +35,20 @@ def tiny_data_root(root: pathlib.Path) -> pathlib.Path:
                 rows.append("q0\td99\t2")
             (folder / "qrels" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
     return root
+
+
+def scifact_subset(src: pathlib.Path, out: pathlib.Path, split: str, queries: int, others: int) -> pathlib.Path:
+    """A small BEIR folder cut from the real SciFact at `src`: the first `queries` judged queries of
+    `split`, their judged abstracts and `others` more, with their qrels."""
+    rows = [line.split("\t") for line in (src / "qrels" / f"{split}.tsv").read_text().splitlines()[1:]]
+    qids = list(dict.fromkeys(q for q, _, _ in rows))[:queries]
+    rows = [r for r in rows if r[0] in qids]
+    judged = {d for _, d, _ in rows}
+    corpus = [json.loads(line) for line in (src / "corpus.jsonl").read_text().splitlines()]
+    all_queries = [json.loads(line) for line in (src / "queries.jsonl").read_text().splitlines()]
+    (out / "qrels").mkdir(parents=True)
+    _write_jsonl(out / "corpus.jsonl", [c for c in corpus if c["_id"] in judged]
+                 + [c for c in corpus if c["_id"] not in judged][:others])
+    _write_jsonl(out / "queries.jsonl", [q for q in all_queries if q["_id"] in qids])
+    (out / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join("\t".join(r) + "\n" for r in rows))
+    return out
