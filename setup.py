@@ -60,6 +60,7 @@ setup(
                  "accelerate>=1.0",  # tests/test_gguf.py: transformers reads GGUF files only with it
                  "jinja2>=3.1",  # tests/test_label.py: chat templates
                  MTEB,  # tests/test_mteb.py
+                 "peft>=0.13",  # tests/test_lora.py: the PEFT adapter folder loads onto its base in peft
                  MKL],  # tests/test_cpu_blas.py
     },
     entry_points={"console_scripts": ["bixse-jax=bixse_jax.cli:main"]},
