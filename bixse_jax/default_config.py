@@ -68,17 +68,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.init_bias = -10.0
     c.loss.learn_temperature = True
     c.loss.learn_bias = True
-    # fixed: t and b start at the two values above; auto (bixse only): the learnable ones of t and b
-    # are first fitted by logistic regression to the frozen starting encoder's cosines and the loss's
-    # own targets over the first init_fit_batches batches (bixse_jax/logit_init.py); a resume never refits.
-    c.loss.init_logit_params = "fixed"  # fixed | auto
+    # fixed: t and b start at the two values above; auto: for a loss with BiXSE's logistic optimum, the
+    # learnable ones of t and b are first fitted by logistic regression to the frozen starting encoder's
+    # cosines and the loss's own targets over the first init_fit_batches batches (bixse_jax/logit_init.py),
+    # and for the other losses it is fixed; a resume never refits.
+    c.loss.init_logit_params = "auto"  # auto | fixed
     c.loss.init_fit_batches = 4  # auto: global batches the fit reads (the run's first ones)
     c.loss.init_fit_rows = 1024  # auto: at most this many rows (queries) of each, against all its documents
     # How t and b follow the encoder while it trains: adam (their own rate, train.logit_params_lr), or
     # refit (bixse: every step fits them to the step's cells, bixse_jax/logit_init.refit_in_step);
-    # auto: refit for bixse, adam for the losses without its logistic optimum (configs/paper/smollm2.py
-    # uses it; docs/results.md, issue 23).
-    c.loss.follow_logit_params = "adam"  # auto | adam | refit
+    # auto: refit for bixse, adam for the losses without its logistic optimum and with Matryoshka
+    # prefixes. Why auto is the default: docs/results.md, issue 23 (from fixed t, b, Adam at 2e-3 moved
+    # b by 0.15 in 180 MiniLM steps, and SmolLM2's cells never met their targets; the fit and the refit did).
+    c.loss.follow_logit_params = "auto"  # auto | adam | refit
     c.loss.infonce_threshold = 0.5  # infonce: grades >= this are positives
     c.loss.diagonal_only = False  # ablation: only pair i labels cell (i, i)
     c.loss.binarize_threshold = ml_collections.FieldReference(None, field_type=float)  # ablation

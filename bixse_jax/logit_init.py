@@ -1,4 +1,4 @@
-"""`loss.init_logit_params='auto'`: t and b fitted to the starting model before training.
+"""`loss.init_logit_params='auto'` (the default): t and b fitted to the starting model before training.
 
 Why: BiXSE's logits are exp(t) * cos + b. Started at the fixed t = log 10, b = -10, a pretrained
 encoder's cosines (positives ~0.6, in-batch negatives ~0.15) give every cell a probability near
@@ -27,7 +27,8 @@ at large batches; the rows are a batch's first ones, i.e. a random sample (batch
 
 Each loss's record says whether its (t, b) have this optimum (losses.Loss.logistic_optimum): of the
 built-in ones only BiXSE's sigmoid BCE does; the softmax and pairwise losses do not use b at all, so
-`auto` is refused for them (ConfigError). A resumed run never refits: its checkpoint's t and b win.
+for them (and when both t and b are frozen) `auto` is `fixed` (`init_mode`). A resumed run never
+refits: its checkpoint's t and b win.
 """
 
 from __future__ import annotations
@@ -49,20 +50,21 @@ MODES = ("fixed", "auto")
 _MIN_SCALE = 1e-6  # a = exp(t) is kept above this: a cosine that anti-correlates with the targets has no t
 
 
+def init_mode(loss_cfg: ml_collections.ConfigDict) -> str:
+    """`loss.init_logit_params` resolved: `auto` fits (t, b) where the loss has the logistic optimum and
+    one of them is learnable, and is `fixed` elsewhere (nothing to fit)."""
+    check(loss_cfg)
+    fits = (loss_cfg.init_logit_params == "auto" and losses.get(loss_cfg.name).logistic_optimum
+            and (loss_cfg.learn_temperature or loss_cfg.learn_bias))
+    return "auto" if fits else "fixed"
+
+
 def check(loss_cfg: ml_collections.ConfigDict) -> None:
-    """ConfigError for a setting `auto` cannot honour."""
+    """ConfigError for a setting `init_logit_params` cannot honour."""
     mode = loss_cfg.init_logit_params
     if mode not in MODES:
         raise ConfigError(f"loss.init_logit_params {mode!r} is not one of {MODES}")
-    if mode != "auto":
-        return
-    if not losses.get(loss_cfg.name).logistic_optimum:
-        raise ConfigError(f"loss.init_logit_params='auto' fits BiXSE's sigmoid BCE over (t, b); loss.name="
-                          f"{loss_cfg.name!r} has no such optimum (softmax and pairwise losses ignore b): use 'fixed'")
-    if not (loss_cfg.learn_temperature or loss_cfg.learn_bias):
-        raise ConfigError("loss.init_logit_params='auto' fits the learnable ones of t and b; both are frozen "
-                          "(loss.learn_temperature=False, loss.learn_bias=False)")
-    if loss_cfg.init_fit_batches < 1 or loss_cfg.init_fit_rows < 1:
+    if mode == "auto" and (loss_cfg.init_fit_batches < 1 or loss_cfg.init_fit_rows < 1):
         raise ConfigError(f"loss.init_fit_batches={loss_cfg.init_fit_batches} and loss.init_fit_rows="
                           f"{loss_cfg.init_fit_rows} must be >= 1")
 

@@ -121,7 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     if restored is None:
         if is_lead and not resuming_config:
             checkpoint.write_config(workdir, config_json)
-        if config.loss.init_logit_params == "auto":  # a fresh start only: a resume keeps its checkpoint's t, b
+        if logit_init.init_mode(config.loss) == "auto":  # a fresh start only: a resume keeps its checkpoint's t, b
             state, summary["init_logit_params"] = _fit_logit_params(state, model, config, batcher, mesh)
     else:
         state, data_state, step = restored

@@ -100,7 +100,9 @@ class Cell:
     phase: str  # "select" (dev data) | "test"
     fold: int | None = None  # the evaluated fold (in a nested selection: the dev fold)
     outer_fold: int | None = None  # nested selection: the outer test fold, left out of training too
-    logit_init: str = "fixed"  # loss.init_logit_params of the BiXSE-loss rows (--logit-init)
+    # How t and b start and follow the encoder (--logit-init): auto, the library's default (BiXSE: fitted to
+    # the starting model, then refitted every step); fixed, the MiniLM table's (log 10, -10, then Adam).
+    logit_init: str = "auto"
     paper: str = "minilm"  # the config file, configs/paper/PAPER.py (--paper)
 
     @property
@@ -149,9 +151,8 @@ def overrides(cell: Cell, data_root: str, model: str | None, steps: int | None =
         out.update({"train.num_steps": 0, "train.warmup_steps": 0})
     else:
         out.update(VARIANTS[cell.variant])
-        if cell.logit_init != "fixed" or cell.paper != "minilm":  # (minilm.py's own is fixed)
-            bixse = VARIANTS[cell.variant].get("loss.name", "bixse") == "bixse"
-            out["loss.init_logit_params"] = cell.logit_init if bixse else "fixed"  # the others have no b to fit
+        if cell.logit_init == "fixed":  # the table's runs of docs/results.md, made before auto was the default
+            out.update({"loss.init_logit_params": "fixed", "loss.follow_logit_params": "adam"})
     if cell.fold is not None:
         out["data.fold"] = cell.fold
     if cell.outer_fold is not None:
@@ -408,9 +409,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning-rates", default=None,
                         help="candidates for the selection; one value skips it (default: LEARNING_RATES, "
                              "with --per-loss-lr PER_LOSS_LEARNING_RATES)")
-    parser.add_argument("--logit-init", default=None, choices=("fixed", "auto"),
-                        help="loss.init_logit_params of the rows trained with the BiXSE loss (auto: t and b fitted "
-                             "to the starting model, bixse_jax/logit_init.py; default: minilm fixed, smollm2 auto)")
+    parser.add_argument("--logit-init", default="auto", choices=("fixed", "auto"),
+                        help="t and b: auto, the library's default (BiXSE's fitted to the starting model and refitted "
+                             "every step, bixse_jax/logit_init.py); fixed, as the MiniLM table ran (log 10, -10, Adam)")
     parser.add_argument("--per-loss-lr", action="store_true",
                         help="select every loss's own rate on dev data, nested in the folds of cross-validated data")
     parser.add_argument("--chosen", default=None,
@@ -423,7 +424,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     paper_datasets = [a for a in paper_module(args.paper).ARGS if a in DATASETS]
     args.datasets = args.datasets.split(",") if args.datasets else paper_datasets
-    args.logit_init = args.logit_init or ("fixed" if args.paper == "minilm" else "auto")
     if args.model is None and args.paper == "minilm":
         args.model = MINILM
     args.variants = args.variants.split(",")

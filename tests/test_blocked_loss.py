@@ -38,8 +38,9 @@ PARAMS = {"log_temperature": np.float32(0.8), "bias": np.float32(-2.0)}
 
 
 def _cfg(name: str, impl: str, variant: str = "plain", block_size: int = 7, **extra):
+    """The loss at PARAMS' t and b (Adam follows them; a refit would replace them: its own test below)."""
     cfg = base_config().loss
-    cfg.name, cfg.impl, cfg.block_size = name, impl, block_size
+    cfg.name, cfg.impl, cfg.block_size, cfg.follow_logit_params = name, impl, block_size, "adam"
     for k, v in {**VARIANTS[variant], **extra}.items():
         setattr(cfg, k, v)
     return cfg
@@ -114,6 +115,34 @@ def test_blocked_any_block_size(block_size):
 @pytest.mark.parametrize("name", losses.supporting("ring"))
 def test_ring_equals_dense_on_8_devices(name, variant):
     _assert_equal_to(_value_and_grad(_cfg(name, "ring", variant), parallel.make_mesh(8)), _dense(name, variant))
+
+
+@pytest.mark.parametrize("variant", ["plain", "mask_repeated", "binarize"])
+def test_refit_is_the_same_fit_on_every_path(variant):
+    """`follow_logit_params=refit` (BiXSE's default): every path fits the same (t, b) to the step's
+    cells and takes the same loss and embedding gradients there; t and b themselves get none (the step
+    stores the fit). Documents lean towards their query by its grade, so the fit is well posed. The
+    8-device paths fit cosines summed in another order; the fit's float32 Newton steps carry that
+    last-bit noise into t and b at about 1e-5 (measured: 7.5e-5 at most in t, 8.4e-5 of the largest
+    embedding gradient), hence 2e-4 there against 1e-6 for the loss."""
+    batch = _batch()
+    rng = np.random.default_rng(5)
+    q = rng.normal(size=(B, H)).astype(np.float32)
+    d = (3 * batch["grades"][:, None] * q + rng.normal(size=(B, H))).astype(np.float32)
+    mesh8 = parallel.make_mesh(8)
+    (want_loss, want), want_grads = _value_and_grad(_cfg("bixse", "dense", variant, follow_logit_params="refit"),
+                                                    q_d=(q, d))
+    assert abs(float(want["log_temperature"]) - PARAMS["log_temperature"]) > 0.1  # the fit moved t
+    scale = float(np.abs(want_grads[1]).max())
+    for impl, mesh in (("blocked", None), ("ring", mesh8), ("dense", mesh8)):
+        (loss, metrics), grads = _value_and_grad(_cfg("bixse", impl, variant, follow_logit_params="refit"), mesh,
+                                                 q_d=(q, d))
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-6, err_msg=impl)
+        for k in ("log_temperature", "bias"):
+            assert float(metrics[k]) == pytest.approx(float(want[k]), abs=2e-4), (impl, k)
+            assert float(metrics[f"refit/{k}"]) == float(metrics[k]) and float(grads[0][k]) == 0.0
+        for g, w in zip(grads[1:], want_grads[1:]):
+            np.testing.assert_allclose(g, w, rtol=0, atol=2e-4 * scale, err_msg=impl)
 
 
 @pytest.mark.parametrize("name,variant,block_size", [("bixse", "mask_repeated", 4), ("infonce", "diagonal_only", 1),

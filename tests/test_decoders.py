@@ -22,6 +22,7 @@ from bixse_jax.data.batching import pad_batch
 from bixse_jax.label.jax_teacher import left_pad
 
 from conftest import skip_unless_ci
+from train_utils import logged
 
 try:
     import torch
@@ -258,7 +259,7 @@ def test_cli_trains_a_decoder_with_fsdp(tiny_llama_dir, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((workdir / "summary.jsonl").read_text())["steps"] == 2
-    losses = [json.loads(line)["loss"] for line in open(workdir / "metrics.jsonl")]
+    losses = logged(workdir)
     assert len(losses) == 2 and all(np.isfinite(losses)), losses
     from bixse_jax import checkpoint
     trained = checkpoint.restore_model(workdir)  # the run's decoder, with its settings

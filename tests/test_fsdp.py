@@ -47,6 +47,7 @@ def test_two_by_four_mesh_equals_eight_by_one(tiny_model_dir):
     encoder = SentenceEncoder(config)
     cfg = base_config()
     cfg.train.warmup_steps = 0  # so that the one step moves the parameters
+    cfg.loss.follow_logit_params = "adam"  # the step checked against AdamW, t and b included
     tx, schedule = step_lib.make_optimizer(cfg.train)
     batch = _random_batch()
     results = {}

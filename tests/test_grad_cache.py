@@ -31,6 +31,14 @@ def _batch(seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
+def _loss_cfg():
+    """The loss at the given t, b, whose gradients these tests compare (a refit gives them none; the
+    refit on every path: test_blocked_loss.test_refit_is_the_same_fit_on_every_path)."""
+    cfg = base_config().loss
+    cfg.follow_logit_params = "adam"
+    return cfg
+
+
 def _load(tiny_model_dir, dropout: float):
     config, enc_params, _ = hf_io.load_pretrained(tiny_model_dir, hidden_dropout_prob=dropout)
     params = {"encoder": enc_params, "log_temperature": jnp.float32(math.log(10.0)), "bias": jnp.float32(-10.0)}
@@ -65,7 +73,7 @@ def plain(tiny):
     """train.py's plain (uncached) loss and gradients on one device: the reference for every layout."""
     encoder, params = tiny
     _, batch = _on_mesh(params, None)
-    loss_fn = step_lib.make_loss_fn(encoder, base_config().loss, None, use_dropout=False)
+    loss_fn = step_lib.make_loss_fn(encoder, _loss_cfg(), None, use_dropout=False)
     (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch, jax.random.PRNGKey(3))
     assert float(optax.tree.norm(grads["encoder"])) > 1e-3 and abs(float(grads["bias"])) > 1e-3  # not trivially 0
     return float(loss), jax.device_get(metrics), jax.device_get(grads)
@@ -78,7 +86,7 @@ def test_cached_loss_and_gradients_equal_plain_backprop(tiny, plain, devices, ch
     want_loss, want_metrics, want = plain
     mesh = parallel.make_mesh(devices)
     params, batch = _on_mesh(params, mesh)
-    cfg = base_config().loss
+    cfg = _loss_cfg()
     cached_fn = grad_cache.make_cached_loss_fn(step_lib.make_embed_fn(encoder, False),
                                                step_lib.make_objective(cfg, mesh), chunk=chunk, mesh=mesh)
     (got_loss, got_metrics), got = jax.jit(jax.value_and_grad(cached_fn, has_aux=True))(
@@ -97,6 +105,7 @@ def test_cached_train_step_equals_plain_update_with_fsdp(tiny, plain):
     encoder, params = tiny
     want_loss, _, want_grads = plain
     config = base_config()
+    config.loss = _loss_cfg()
     config.train.learning_rate, config.train.warmup_steps, config.mesh.fsdp = 1e-3, 0, 2
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
@@ -129,7 +138,7 @@ def test_dropout_cached_equals_backprop_with_the_same_sub_batch_keys(tiny_model_
     encoder, params = _load(tiny_model_dir, dropout=0.1)
     mesh = parallel.make_mesh(8)
     params, batch = _on_mesh(params, mesh)
-    cfg = base_config().loss
+    cfg = _loss_cfg()
     kwargs = dict(chunk=8, mesh=mesh)
     embed_loss = step_lib.make_objective(cfg, mesh)
     cached = jax.jit(jax.value_and_grad(grad_cache.make_cached_loss_fn(
@@ -152,7 +161,7 @@ def test_dropout_cached_equals_backprop_with_the_same_sub_batch_keys(tiny_model_
 def test_bad_chunk_is_a_clear_error(tiny):
     encoder, params = tiny
     mesh = parallel.make_mesh(8)
-    cfg = base_config().loss
+    cfg = _loss_cfg()
     with pytest.raises(ValueError, match=r"grad_cache_chunk=12 does not divide the global batch of 32"):
         grad_cache.check_chunk(32, 12, mesh)
     with pytest.raises(ValueError, match=r"grad_cache_chunk=4 is not a multiple of the 8 devices"):

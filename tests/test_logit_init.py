@@ -56,17 +56,23 @@ def test_anti_correlated_scores_stop_at_the_scale_floor():
     assert a > 0 and info["at_scale_floor"]
 
 
-@pytest.mark.parametrize("changes, match", [
-    ({"name": "infonce"}, "has no such optimum"),
-    ({"learn_temperature": False, "learn_bias": False}, "both are frozen"),
-    ({"init_logit_params": "guess"}, "is not one of"),
-])
-def test_settings_auto_cannot_honour_are_config_errors(tmp_path, changes, match):
+def test_auto_fits_only_where_there_is_an_optimum_and_something_to_fit():
+    """`auto` is the default for every loss: it fits BiXSE's learnable (t, b) and is `fixed` for a
+    loss without the logistic optimum or with both frozen; an unknown mode is a ConfigError."""
     from bixse_jax.default_config import base_config
     cfg = base_config().loss
-    cfg.init_logit_params = "auto"
-    cfg.update(changes)
-    with pytest.raises(ConfigError, match=match):
+    assert (cfg.init_logit_params, logit_init.init_mode(cfg)) == ("auto", "auto")
+    for changes in ({"name": "infonce"}, {"learn_temperature": False, "learn_bias": False}):
+        other = base_config().loss
+        other.update(changes)
+        assert logit_init.init_mode(other) == "fixed", changes
+    cfg.learn_bias = False  # "no bias": t alone is fitted
+    assert logit_init.init_mode(cfg) == "auto"
+    cfg.init_logit_params = "guess"
+    with pytest.raises(ConfigError, match="is not one of"):
+        logit_init.check(cfg)
+    cfg.init_logit_params, cfg.init_fit_batches = "auto", 0
+    with pytest.raises(ConfigError, match="must be >= 1"):
         logit_init.check(cfg)
 
 
@@ -94,6 +100,7 @@ def test_training_starts_from_the_fit_on_eight_devices_and_a_resume_keeps_it(tin
     data = pairs_jsonl(tmp_path / "pairs.jsonl")
     config = tiny_config(tiny_model_dir, data, num_steps=2, log_every=1, checkpoint_every=1, warmup_steps=0)
     config.loss.init_logit_params, config.loss.init_fit_batches = "auto", 2
+    config.loss.follow_logit_params = "adam"  # the step then moves t and b by Adam from the fit (a refit would replace it)
     config.loss.mask_unlabelled_of_repeated_queries = True  # the mask must be the loss's own too
     assert parallel.make_mesh().size == 8
     a, b, _ = _direct_fit(config, 2)

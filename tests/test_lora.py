@@ -275,6 +275,7 @@ def test_gradient_caching_differentiates_the_adapters_alone():
     adapters = jax.tree.map(lambda x: x + 0.1 if x.shape[0] == 2 else x, adapters)  # B non-zero: A has a gradient
     params = {"encoder": adapters, "log_temperature": jnp.float32(2.3), "bias": jnp.float32(-3.0)}
     encoder, loss_cfg, mesh = SentenceEncoder(config), base_config().loss, parallel.make_mesh(-1, 1)
+    loss_cfg.follow_logit_params = "adam"  # t, b's gradients compared too (a refit gives them none)
     rng = np.random.default_rng(0)
     batch = {"query_input_ids": rng.integers(1, 64, (16, 6)), "doc_input_ids": rng.integers(1, 64, (16, 10)),
              "query_ids": np.arange(16) % 5, "doc_ids": np.arange(16), "grades": rng.uniform(size=16).astype(np.float32)}

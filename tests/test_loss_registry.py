@@ -109,9 +109,10 @@ def test_toy_loss_trains_a_step_on_8_devices(toy, impl):
 
 def test_toy_loss_is_refused_where_it_declares_nothing(toy):
     cfg = base_config().loss
-    cfg.name, cfg.init_logit_params = NAME, "auto"
+    cfg.name, cfg.init_logit_params, cfg.follow_logit_params = NAME, "auto", "refit"
+    assert logit_init.init_mode(cfg) == "fixed"  # no optimum declared: nothing to fit at the start
     with pytest.raises(ConfigError, match="has no such optimum"):
-        logit_init.check(cfg)
+        logit_init.check_follow(cfg)
     with pytest.raises(ValueError, match="already registered"):
         losses.register(toy)
 

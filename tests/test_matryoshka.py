@@ -32,8 +32,8 @@ def _unit_embeddings(seed: int = 1):
 
 
 def _cfg(name="bixse", impl="dense", dims=(), weights=(), block_size=7):
-    cfg = base_config().loss
-    cfg.name, cfg.impl, cfg.block_size = name, impl, block_size
+    cfg = base_config().loss  # at the given t, b (a refit of them has its own tests: test_blocked_loss)
+    cfg.name, cfg.impl, cfg.block_size, cfg.follow_logit_params = name, impl, block_size, "adam"
     cfg.matryoshka_dims, cfg.matryoshka_weights = dims, weights
     return cfg
 

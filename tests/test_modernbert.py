@@ -23,6 +23,7 @@ from bixse_jax.data.batching import pad_batch
 from bixse_jax.label.jax_teacher import left_pad
 
 from conftest import skip_unless_ci
+from train_utils import logged
 
 try:
     import torch
@@ -237,7 +238,7 @@ def test_cli_trains_a_modernbert_with_fsdp_and_exports_it(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    losses = [json.loads(line)["loss"] for line in open(workdir / "metrics.jsonl")]
+    losses = logged(workdir)
     assert len(losses) == 2 and all(np.isfinite(losses)), losses
     from bixse_jax import checkpoint, export
     trained = checkpoint.restore_model(workdir)

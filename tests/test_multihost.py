@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bixse_jax import train
-from train_utils import cli_overrides, flat_params, pairs_jsonl, tiny_config
+from train_utils import cli_overrides, flat_params, logged, pairs_jsonl, tiny_config
 
 
 def _free_port() -> int:
@@ -25,7 +25,10 @@ def _cli(workdir, overrides, *extra):
 
 def test_two_processes_equal_one_process(tiny_model_dir, tmp_path):
     data = pairs_jsonl(tmp_path / "pairs.jsonl")
-    steps = {"train.num_steps": 4, "train.log_every": 1, "train.checkpoint_every": 4}
+    # t, b under Adam after the start's fit: the tiny random model's cosines barely rise with the targets,
+    # and a refit every step turns the two layouts' float noise into 3e-5 of the loss by step 4.
+    steps = {"train.num_steps": 4, "train.log_every": 1, "train.checkpoint_every": 4,
+             "loss.follow_logit_params": "adam"}
     workdir = tmp_path / "two_procs"
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
@@ -40,10 +43,12 @@ def test_two_processes_equal_one_process(tiny_model_dir, tmp_path):
 
     # The same run in this process, on its 8 devices.
     config = tiny_config(tiny_model_dir, data, num_steps=4, log_every=1, checkpoint_every=4)
+    config.loss.follow_logit_params = "adam"
     _, single = train.train(config, tmp_path / "one_proc", show_progress=False)
+    np.testing.assert_allclose(logged(workdir, "init/bias"), logged(tmp_path / "one_proc", "init/bias"), rtol=1e-5)
 
-    losses = lambda w: [json.loads(line)["loss"] for line in open(w / "metrics.jsonl")]
-    np.testing.assert_allclose(losses(workdir), losses(tmp_path / "one_proc"), rtol=1e-5)
+    assert len(logged(workdir)) == 4
+    np.testing.assert_allclose(logged(workdir), logged(tmp_path / "one_proc"), rtol=1e-5)
     restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "4" / "state", single)
     for a, b in zip(flat_params(single), flat_params(restored)):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)

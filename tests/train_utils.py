@@ -52,6 +52,12 @@ def cli_overrides(tiny_model_dir, data_path, **overrides) -> list[str]:
     return ["--config", str(REPO / "configs" / "demo.py")] + [f"--config.{k}={v}" for k, v in flat.items()]
 
 
+def logged(workdir: pathlib.Path, key: str = "loss") -> list:
+    """`key` of every metrics.jsonl row that has it (row 0 of a fresh start holds only the fitted t, b)."""
+    rows = [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
+    return [r[key] for r in rows if key in r]
+
+
 def flat_params(state) -> list[np.ndarray]:
     import jax
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]

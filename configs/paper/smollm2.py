@@ -12,7 +12,7 @@ regime changes:
             logits; length buckets on, which changes padding only.
   steps     about three epochs, so that t and b have time to settle: 135 for STS-B (5,749 pairs),
             72 per TREC-DL fold (~3,000 pairs); warm-up over the first 10%.
-  t and b   `loss.init_logit_params=auto` for the BiXSE rows: fitted by logistic regression to the
+  t and b   the library's defaults: `loss.init_logit_params=auto` for the BiXSE rows, fitted by logistic regression to the
             starting model's cosines on the first batches (bixse_jax/logit_init.py), not SigLIP's
             (log 10, -10), which suits thousands of negatives, not 127; then refitted the same way
             inside every step (`loss.follow_logit_params=auto`: refit for BiXSE, Adam for the
@@ -27,10 +27,10 @@ and the claim under test is about graded targets). For example:
   bixse-jax train --config configs/paper/smollm2.py:stsb --workdir runs/smollm2-stsb
   bixse-jax train --config configs/paper/smollm2.py:trecdl --workdir runs/smollm2-trecdl-fold0 --config.data.fold=0
   bixse-jax train --config configs/paper/smollm2.py:stsb_dev --workdir runs/select-smollm2-stsb \
-      --config.train.learning_rate=1e-5 --config.loss.name=infonce --config.loss.init_logit_params=fixed
+      --config.train.learning_rate=1e-5 --config.loss.name=infonce
   python experiments/reproduce.py --paper smollm2 --per-loss-lr --print-commands   # every run of the table
 
-(`loss.init_logit_params=auto` fits BiXSE's (t, b); the softmax and pairwise losses take `fixed`.)
+(`loss.init_logit_params=auto` fits BiXSE's (t, b); for the softmax and pairwise losses it is `fixed`.)
 
 On the 2-core CPU of docs/benchmarks.md (Intel Xeon, AMX) one step of 128 STS-B pairs took 85-95 s
 in float32-era code (docs/results.md) and 31 s with `model.matmul_dtype=auto`'s bfloat16 matmuls
@@ -71,7 +71,5 @@ def get_config(arg: str | None = None):
     c.train.num_steps = STEPS[arg.partition("_")[0]]
     c.train.warmup_steps = c.train.num_steps // 10
     c.train.learning_rate = 2e-5  # placeholder: the sweep selects each loss's rate on dev data
-    c.loss.init_logit_params = "auto"
-    c.loss.follow_logit_params = "auto"
     c.train.log_every = 1  # t and b (and the loss) at every step: watch them settle
     return c
