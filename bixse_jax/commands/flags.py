@@ -1,7 +1,8 @@
 """The flags of every command that encodes texts (eval, encode, mine), and their small helpers.
 
-Commands only parse arguments; what the flags mean is decided in the library (models/compute_policy.py
-for the matmul dtype and dense implementation, eval/evaluate.py for loading a model to encode with).
+Declared once here so that eval, encode and mine cannot drift apart. What the compute flags mean is
+decided in the library (models/compute_policy.py for the matmul dtype and dense implementation,
+eval/evaluate.py for loading a model to encode with), not in the commands.
 """
 
 from __future__ import annotations
