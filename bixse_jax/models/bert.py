@@ -22,7 +22,7 @@ from flax import linen as nn
 
 from bixse_jax import parallel
 from bixse_jax.errors import ConfigError, UserError
-from bixse_jax.models import bf16_matmul, cpu_blas, lora
+from bixse_jax.models import bf16_matmul, cpu_blas, families, hf_bert_io, lora
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 # Linear layers inside a layer, by path (model.lora.targets match them by suffix: "dense" all three).
@@ -30,7 +30,7 @@ LORA_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.va
                 "intermediate.dense", "output.dense")
 LORA_DEFAULT_TARGETS = ("query", "key", "value", "attention.output.dense")
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -84,8 +84,8 @@ class EncoderConfig:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"model_type {self.model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
         check_compute_settings(self)
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
@@ -288,7 +288,7 @@ class Intermediate(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        return _ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "dense")(x))
+        return ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "dense")(x))
 
 
 class Layer(nn.Module):
@@ -349,3 +349,11 @@ def init_params(config: EncoderConfig, rng: jax.Array) -> dict:
 def param_shapes(config: EncoderConfig) -> dict:
     """Shapes and dtypes of the parameter tree, without allocating it."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+FAMILY = families.register(families.Family(
+    name="bert", model_types=SUPPORTED_MODEL_TYPES, config_class=EncoderConfig, module=BertModel,
+    torch_to_flax=hf_bert_io.torch_to_flax, flax_to_torch=hf_bert_io.flax_to_torch,
+    lora_linears=LORA_LINEARS, lora_default_targets=LORA_DEFAULT_TARGETS,
+    hf_architectures={"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"},
+    pooler_head=True, hf_flax=True, dtype_field=False))
