@@ -4,8 +4,7 @@ operations every caller needs, written once for all families.
   config_from_hf(hf, **overrides)   config.json's dict -> the config of the family of its model_type
   module(config)                    the Flax module: token ids + mask -> last hidden states
   init_params / param_shapes        random parameters, or their shapes, for any family
-  param_axes(config)                logical axis names per parameter, as the module declares them;
-                                    None for a module that declares none (parallel.py guesses them)
+  param_axes(config)                logical axis names per parameter, as the module declares them
   with_lora(config, spec)           the config with LoRA adapters on the family's named projections
 """
 
@@ -17,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import traverse_util
 
 from bixse_jax.errors import ConfigError
 from bixse_jax.models import families, lora
@@ -53,14 +53,14 @@ def param_shapes(config: ModelConfig) -> dict:
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
 
 
-def param_axes(config: ModelConfig) -> dict | None:
-    """The parameter tree with each leaf replaced by its logical axis names, e.g. ("embed", "heads");
-    None when the module boxes no parameter (the BERT family: parallel.py reads its axes from the paths)."""
+def param_axes(config: ModelConfig) -> dict:
+    """The parameter tree with each leaf replaced by its logical axis names, e.g. ("embed", "heads"),
+    as the module declares them (nn.with_logical_partitioning); a parameter it declares none for is
+    left out, so that parallel.param_shardings names it in its error."""
     boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0)))
     is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
-    if not any(is_box(x) for x in jax.tree.leaves(boxed, is_leaf=is_box)):
-        return None
-    return jax.tree.map(lambda box: tuple(box.names), boxed, is_leaf=is_box)
+    flat = traverse_util.flatten_dict(boxed, is_leaf=lambda _, x: is_box(x))
+    return traverse_util.unflatten_dict({k: tuple(box.names) for k, box in flat.items() if is_box(box)})
 
 
 def with_lora(config: ModelConfig, spec: lora.LoraSpec | None) -> ModelConfig:

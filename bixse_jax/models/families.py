@@ -51,8 +51,8 @@ class Family:
 
     config_class: `from_hf_dict(config.json's dict, **training overrides)` -> its frozen config.
     module: the Flax module class, `module(config)(input_ids, attention_mask, deterministic=...)`
-      -> last hidden states [B, T, hidden]. Parameters it boxes with nn.with_logical_partitioning
-      shard by those names; a module that boxes none is sharded by parallel.logical_axes' guess.
+      -> last hidden states [B, T, hidden]. Every parameter is boxed with nn.with_logical_partitioning:
+      it shards by those names (parallel.py's rules).
     torch_to_flax / flax_to_torch: transformers' tensor name and [out, in] array <-> our parameter
       path and array (None: a tensor an embedder ignores), for loading and for exports.
     lora_linears / lora_default_targets: paths of the linear layers inside a layer (model.lora.targets
