@@ -42,15 +42,13 @@ import numpy as np
 
 from bixse_jax import checkpoint, export_peft, model_card
 from bixse_jax.export_folder import ExportError, check_target, staged_folder, write_json
-from bixse_jax.models import architectures, hf_io
+from bixse_jax.models import families, hf_io
 from bixse_jax.models.sentence_model import SIDECAR_NAME, SentenceModel, max_length, merged
 
 FORMATS = ("hf-flax", "sentence-transformers", "hf", "peft")
 # Every file a HF tokenizer of the BERT / RoBERTa / XLM-R families may need; those present are copied.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model")
-_ARCHITECTURES = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
-                  "modernbert": "ModernBertModel", "llama": "LlamaModel", "qwen2": "Qwen2Model", "qwen3": "Qwen3Model"}
 # The pre-v3 module names: every sentence-transformers release (2.x to 6.x) resolves them.
 _ST_MODULE = "sentence_transformers.models."
 _POOLER_SEED = 0
@@ -69,9 +67,11 @@ def export_model(model: SentenceModel, out: str | os.PathLike, fmt: str, *, over
                  max_shard_size: int | str = "10GB") -> pathlib.Path:
     """Writes `model` as a `fmt` folder at `out` (see the module docstring for the files)."""
     _check_format(fmt)
-    if model.config.model_type not in _ARCHITECTURES:
+    family = families.of(model.config)
+    if model.config.model_type not in family.hf_architectures:
+        exportable = [t for f in families.registered() for t in f.hf_architectures]
         raise ExportError(f"model_type {model.config.model_type!r} cannot be exported; "
-                          f"supported: {sorted(_ARCHITECTURES)}")
+                          f"supported: {sorted(exportable)}")
     out = pathlib.Path(out).absolute()
     check_target(out, overwrite)
     protected = [pathlib.Path(model.model_dir).absolute()]
@@ -88,25 +88,21 @@ def export_model(model: SentenceModel, out: str | os.PathLike, fmt: str, *, over
             write_json(tmp / SIDECAR_NAME, _sidecar(model, fmt, "none (LoRA adapters)"))
         return out
     model = merged(model)  # LoRA: full weights W + (alpha / r) A B, as the libraries load them
-    decoder = architectures.is_decoder(model.config)
-    native_names = decoder or architectures.is_modernbert(model.config)  # the tree keeps transformers' names
-    if native_names:
-        _check_native_export(model, fmt)
-        pooler, pooler_origin = {}, f"none ({'decoder' if decoder else model.config.model_type})"
-    else:
+    _check_family_export(model, family, fmt)
+    if family.pooler_head:
         pooler, pooler_origin = _pooler(model)
         pooler = {"pooler": pooler}
+    else:
+        pooler, pooler_origin = {}, f"none ({family.name})"
     with staged_folder(out) as tmp:
-        write_json(tmp / "config.json", _hf_config(model))
+        write_json(tmp / "config.json", _hf_config(model, family))
         if fmt == "hf-flax":
             hf_io.save_flax_weights(tmp, {**model.params, **pooler}, max_shard_size)
-        elif native_names:
-            hf_io.save_native_torch_weights(tmp, model.params)
         else:
-            hf_io.save_torch_weights(tmp, {**model.params, **pooler})
+            hf_io.save_torch_weights(tmp, {**model.params, **pooler}, family.flax_to_torch)
         if fmt == "sentence-transformers":
             _write_sentence_transformers_files(tmp, model)
-        if decoder:
+        if family.causal:
             _write_decoder_tokenizer(model, tmp)
         else:
             _copy_tokenizer(model.model_dir, tmp)
@@ -120,13 +116,14 @@ def _check_format(fmt: str) -> None:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
-def _check_native_export(model: SentenceModel, fmt: str) -> None:
-    """Decoders and ModernBERT: PyTorch formats only; decoders also causal and last-token pooled."""
-    if fmt == "hf-flax":
+def _check_family_export(model: SentenceModel, family: families.Family, fmt: str) -> None:
+    """hf-flax for families transformers has Flax classes for (BERT's); causal ones (decoders) exported
+    causal and last-token pooled, as transformers and sentence-transformers run them."""
+    if fmt == "hf-flax" and not family.hf_flax:
         raise ExportError(f"hf-flax export is for BERT-family models, not {model.config.model_type}: transformers' "
                           f"Flax Llama exists in 4.x only (no Flax Qwen2 / Qwen3, no Flax ModernBERT, and "
                           f"transformers 5 has no Flax); use --format hf or sentence-transformers (PyTorch safetensors)")
-    if not architectures.is_decoder(model.config):
+    if not family.causal:
         return
     if model.config.bidirectional:
         raise ExportError(f"{model.config.model_type} trained with model.bidirectional cannot be exported: "
@@ -196,15 +193,15 @@ def _source_hf_config(model: SentenceModel) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _hf_config(model: SentenceModel) -> dict[str, Any]:
+def _hf_config(model: SentenceModel, family: families.Family) -> dict[str, Any]:
     """The source config.json (keeping fields HF uses and we don't), with our architecture fields."""
     drop = ("_name_or_path", "transformers_version", "rope_scaling", "rope_parameters", "rope_theta",
             "dtype", "torch_dtype", "bidirectional")
     hf = {k: v for k, v in _source_hf_config(model).items() if k not in drop}
     hf.update(model.config.to_hf_dict())
-    hf["architectures"] = [_ARCHITECTURES[model.config.model_type]]
+    hf["architectures"] = [family.hf_architectures[model.config.model_type]]
     hf["torch_dtype"] = "float32"
-    if architectures.is_decoder(model.config) or architectures.is_modernbert(model.config):
+    if family.dtype_field:
         hf["dtype"] = "float32"  # transformers 5's name; the weights are written in float32
     return dict(sorted(hf.items()))
 

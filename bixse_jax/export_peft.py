@@ -19,7 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 from bixse_jax.export_folder import ExportError, write_json
-from bixse_jax.models import architectures, lora
+from bixse_jax.models import families, lora
 from bixse_jax.models.sentence_model import SentenceModel
 
 CONFIG_NAME = "adapter_config.json"
@@ -32,9 +32,10 @@ def check(model: SentenceModel) -> None:
         raise ExportError("--format peft writes LoRA adapters, and this model has none (train with model.lora.rank > 0)")
 
 
-def _module_name(layer: tuple[str, ...], decoder: bool) -> str:
-    """Our path of an adapted layer -> the AutoModel's module name (decoders' tree has `model/` above it)."""
-    return ".".join(layer[1:] if decoder and layer[0] == "model" else layer)
+def _module_name(layer: tuple[str, ...], base_model_scope: str | None) -> str:
+    """Our path of an adapted layer -> the AutoModel's module name (without the family's
+    `base_model_scope`, e.g. the decoders' `model/`)."""
+    return ".".join(layer[1:] if base_model_scope is not None and layer[0] == base_model_scope else layer)
 
 
 def _pattern(name: str) -> str:
@@ -47,10 +48,10 @@ def write(tmp: pathlib.Path, model: SentenceModel) -> list[str]:
     from safetensors.numpy import save_file
     check(model)
     spec = model.config.lora
-    decoder = architectures.is_decoder(model.config)
+    scope = families.of(model.config).base_model_scope
     tensors, modules = {}, set()
     for path, x in traverse_util.flatten_dict(lora.split(model.params)[0]).items():
-        name = _module_name(path[:-1], decoder)
+        name = _module_name(path[:-1], scope)
         modules.add(name)
         kind = "lora_A" if path[-1] == "lora_a" else "lora_B"
         tensors[f"{_PEFT_PREFIX}{name}.{kind}.weight"] = np.ascontiguousarray(np.asarray(x, np.float32).T)

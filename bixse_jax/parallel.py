@@ -102,9 +102,9 @@ def check_batch_split(global_batch_size: int, mesh: Mesh) -> None:
 
 
 def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
-    """Logical names of a BERT-family parameter's dimensions, guessed from its HF Flax path.
-
-    Decoder modules (models/decoder.py) name their axes themselves; see `param_shardings`."""
+    """Logical names of a BERT-family parameter's dimensions, guessed from its HF Flax path: for callers
+    that give `param_shardings` no axes. Every model family declares its own (`SentenceEncoder.param_axes()`,
+    which models/bert.py declares as this guesses)."""
     leaf, parent = path[-1], path[-2] if len(path) > 1 else ""
     if leaf in ("lora_a", "lora_b"):  # LoRA's A [in, r] and B [r, out]: the kernel's axis on their side
         kernel = logical_axes(path[:-1] + ("kernel",), 2)
@@ -148,7 +148,8 @@ def param_shardings(params: Any, mesh: Mesh,
     """NamedSharding for every leaf of {"encoder": ..., scalars}; scalars are replicated.
 
     `encoder_axes`: the encoder tree's logical axis names as its module declares them (a tree of
-    tuples, `SentenceEncoder.param_axes()`); None guesses them from BERT's parameter paths.
+    tuples, `SentenceEncoder.param_axes()`, as training passes them); None guesses them from BERT's
+    parameter paths (`logical_axes`).
     """
     declared = {}
     if encoder_axes is not None:

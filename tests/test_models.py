@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from bixse_jax.models import hf_io
+from bixse_jax import parallel
+from bixse_jax.models import architectures, hf_io, lora
 from bixse_jax.models.bert import BertModel, EncoderConfig, einsum_attention, init_params
 from bixse_jax.models.encoder import SentenceEncoder
 from bixse_jax.models.pooling import l2_normalize, pool
@@ -203,3 +204,16 @@ def test_minilm_sts_spearman_matches_reference(shared_data, minilm_path):
     b = encode_texts(enc, params, tok, [p.document for p in pairs], max_len=256)
     rho = spearmanr(np.sum(a * b, axis=1), [p.grade for p in pairs]).correlation
     assert abs(rho - 0.8203) <= 0.0005, rho
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_declared_logical_axes_are_those_the_paths_implied(model_type):
+    """BERT declares its axes on its layers; they are the ones parallel.logical_axes reads from the
+    HF Flax paths (so a run shards as before), LoRA's A and B included."""
+    config = architectures.with_lora(EncoderConfig(**TINY_BERT, model_type=model_type),
+                                     lora.LoraSpec(2, 4.0, targets=("query", "dense")))
+    declared = traverse_util.flatten_dict(architectures.param_axes(config), is_leaf=lambda _, x: isinstance(x, tuple))
+    shapes = traverse_util.flatten_dict(architectures.param_shapes(config))
+    assert declared.keys() == shapes.keys() and any(k[-1] == "lora_b" for k in declared)
+    for path, shape in shapes.items():
+        assert declared[path] == parallel.logical_axes(("encoder",) + path, len(shape.shape)), path

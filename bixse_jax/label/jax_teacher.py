@@ -27,7 +27,7 @@ from bixse_jax.data.tokenizer import Tokenizer
 from bixse_jax.errors import UserError
 from bixse_jax.label import prompts
 from bixse_jax.label.grades import Outcome, grade_token_ids
-from bixse_jax.models import architectures, bert, hf_io
+from bixse_jax.models import architectures, bert, families, hf_io
 
 # Padded prompt lengths: prompts are long, so finer steps than the encoders' buckets.
 PROMPT_BUCKETS = (64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1536, 2048, 3072, 4096, 8192)
@@ -44,14 +44,18 @@ def left_pad(seqs: Sequence[np.ndarray], length: int, pad_id: int) -> tuple[np.n
 
 
 def lm_head(config, params: dict, model_dir: pathlib.Path) -> np.ndarray:
-    """[vocab, hidden] output matrix: `lm_head.weight`, else the tied input embeddings."""
+    """[vocab, hidden] output matrix: `lm_head.weight`, else the tied input embeddings (at the path
+    the family's record names)."""
     head = hf_io.read_tensor(model_dir, "lm_head.weight")
     if head is not None:
         return head
     if not getattr(config, "tie_word_embeddings", False):
         raise hf_io.ModelLoadError(f"{model_dir}: no lm_head.weight and tie_word_embeddings is false; "
                                    "the teacher needs the LM head")
-    return np.asarray(params["model"]["embed_tokens"]["embedding"])
+    tree = params
+    for key in families.of(config).lm_embedding:
+        tree = tree[key]
+    return np.asarray(tree)
 
 
 class JaxTeacher:
@@ -66,8 +70,9 @@ class JaxTeacher:
             raise UserError("the in-process teacher runs on one host; give each host its own --input and --out")
         config, params, model_dir = hf_io.load_pretrained(model_path, dtype=dtype, matmul_dtype=matmul_dtype,
                                                           dense_impl=dense_impl)
-        if not architectures.is_decoder(config):
-            raise UserError(f"{model_path}: the teacher must be a decoder LLM (llama, qwen2, qwen3), "
+        if families.of(config).lm_embedding is None:
+            language_models = ", ".join(t for f in families.registered() if f.lm_embedding for t in f.model_types)
+            raise UserError(f"{model_path}: the teacher must be a decoder LLM ({language_models}), "
                             f"got {config.model_type}")
         self.name = name or pathlib.Path(model_path).name
         self.grades = list(grades)

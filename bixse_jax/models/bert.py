@@ -3,6 +3,8 @@
 The parameter tree is exactly HuggingFace's Flax layout (`embeddings/word_embeddings/embedding`,
 `encoder/layer/0/attention/self/query/kernel`, ...), so HF weights load by name and an export is a
 plain msgpack of these params. The pooler head is left out: sentence embeddings never use it.
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `mlp`), read by `param_axes`
+for sharding, as the decoders' and ModernBERT's do.
 
 Parameters stay float32 (master weights); `dtype` sets the compute dtype (e.g. bfloat16).
 """
@@ -22,7 +24,7 @@ from flax import linen as nn
 
 from bixse_jax import parallel
 from bixse_jax.errors import ConfigError, UserError
-from bixse_jax.models import bf16_matmul, cpu_blas, lora
+from bixse_jax.models import bf16_matmul, cpu_blas, families, hf_bert_io, lora
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 # Linear layers inside a layer, by path (model.lora.targets match them by suffix: "dense" all three).
@@ -30,7 +32,7 @@ LORA_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.va
                 "intermediate.dense", "output.dense")
 LORA_DEFAULT_TARGETS = ("query", "key", "value", "attention.output.dense")
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -84,8 +86,8 @@ class EncoderConfig:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"model_type {self.model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
         check_compute_settings(self)
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
@@ -180,14 +182,19 @@ def dense_dtype_and_dot(cfg: Any) -> tuple[str, Any]:
     return dtype, dot
 
 
-def _dense(cfg: EncoderConfig, features: int, name: str) -> nn.Dense:
+def _dense(cfg: EncoderConfig, features: int, axes: tuple[str, str], name: str) -> nn.Dense:
+    """A dense layer whose kernel has logical axes `axes` ([in, out]) and its bias the output's."""
     dtype, dot = dense_dtype_and_dot(cfg)
     return lora.Dense(features, dtype=dtype, param_dtype=jnp.float32, dot_general=dot,
-                      kernel_init=nn.initializers.normal(0.02), lora=cfg.lora, name=name)
+                      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
+                      lora=cfg.lora, kernel_axes=axes, name=name)
 
 
 def _layer_norm(cfg: EncoderConfig, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=jnp.float32, name=name)
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=jnp.float32, name=name,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
 
 class Embeddings(nn.Module):
@@ -198,7 +205,8 @@ class Embeddings(nn.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
                  token_type_ids: jax.Array) -> jax.Array:
         cfg = self.config
-        embed = lambda n, name: nn.Embed(n, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02),
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
+        embed = lambda n, name: nn.Embed(n, cfg.hidden_size, embedding_init=init,
                                          param_dtype=jnp.float32, dtype=cfg.dtype, name=name)
         if cfg.position_offset:  # RoBERTa: positions count real tokens only, after the offset.
             position_ids = jnp.cumsum(attention_mask, axis=1) * attention_mask + cfg.pad_token_id
@@ -243,7 +251,7 @@ class SelfAttention(nn.Module):
         cfg = self.config
         heads, head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
         split = lambda t: t.reshape(t.shape[:2] + (heads, head_dim))
-        q, k, v = (split(_dense(cfg, cfg.hidden_size, n)(x)) for n in ("query", "key", "value"))
+        q, k, v = (split(_dense(cfg, cfg.hidden_size, ("embed", "heads"), n)(x)) for n in ("query", "key", "value"))
         impl = cfg.attention_impl
         if impl is None and jax.default_backend() == "cpu":
             impl = "einsum"
@@ -260,14 +268,16 @@ class SelfAttention(nn.Module):
 
 
 class AttentionOutput(nn.Module):
-    """Dense + dropout + residual LayerNorm (HF's `attention/output` and `output` blocks)."""
+    """Dense + dropout + residual LayerNorm (HF's `attention/output` and `output` blocks); `in_axis`:
+    the logical axis of its input (the heads' or the MLP's)."""
     config: EncoderConfig
     deterministic: bool = True
+    in_axis: str = "heads"
 
     @nn.compact
     def __call__(self, x: jax.Array, residual: jax.Array) -> jax.Array:
         cfg = self.config
-        x = _dense(cfg, cfg.hidden_size, "dense")(x)
+        x = _dense(cfg, cfg.hidden_size, (self.in_axis, "embed"), "dense")(x)
         x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=self.deterministic)
         return _layer_norm(cfg, "LayerNorm")(x + residual)
 
@@ -288,7 +298,7 @@ class Intermediate(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        return _ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "dense")(x))
+        return ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "dense")(x))
 
 
 class Layer(nn.Module):
@@ -299,7 +309,7 @@ class Layer(nn.Module):
     def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
         x = Attention(self.config, self.deterministic, name="attention")(x, attention_mask)
         h = Intermediate(self.config, name="intermediate")(x)
-        return AttentionOutput(self.config, self.deterministic, name="output")(h, x)
+        return AttentionOutput(self.config, self.deterministic, "mlp", name="output")(h, x)
 
 
 class LayerStack(nn.Module):
@@ -343,9 +353,17 @@ class _Encoder(nn.Module):
 def init_params(config: EncoderConfig, rng: jax.Array) -> dict:
     """Random float32 parameters (for tests and from-scratch benchmarks)."""
     ids = jnp.zeros((1, 8), jnp.int32)
-    return BertModel(config).init(rng, ids, jnp.ones_like(ids))["params"]
+    return nn.unbox(BertModel(config).init(rng, ids, jnp.ones_like(ids))["params"])
 
 
 def param_shapes(config: EncoderConfig) -> dict:
     """Shapes and dtypes of the parameter tree, without allocating it."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+FAMILY = families.register(families.Family(
+    name="bert", model_types=SUPPORTED_MODEL_TYPES, config_class=EncoderConfig, module=BertModel,
+    torch_to_flax=hf_bert_io.torch_to_flax, flax_to_torch=hf_bert_io.flax_to_torch,
+    lora_linears=LORA_LINEARS, lora_default_targets=LORA_DEFAULT_TARGETS,
+    hf_architectures={"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"},
+    pooler_head=True, hf_flax=True, dtype_field=False))

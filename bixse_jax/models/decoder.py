@@ -26,8 +26,8 @@ import numpy as np
 from flax import linen as nn
 
 from bixse_jax.errors import ConfigError
-from bixse_jax.models import lora, rope
-from bixse_jax.models.bert import (_ACTIVATIONS, REMAT_POLICIES, attention_einsum, check_compute_settings,
+from bixse_jax.models import families, hf_decoder_io, lora, rope
+from bixse_jax.models.bert import (ACTIVATIONS, REMAT_POLICIES, attention_einsum, check_compute_settings,
                                    dense_dtype_and_dot, shard_batch)
 
 DECODER_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -79,8 +79,8 @@ class DecoderConfig:
         if self.model_type not in DECODER_MODEL_TYPES:
             raise ConfigError(f"model_type {self.model_type!r} is not a supported decoder; "
                               f"supported: {DECODER_MODEL_TYPES}")
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
         if self.rope_type not in rope.ROPE_TYPES:
             raise ConfigError(f"rope_type {self.rope_type!r} is not supported; supported: {rope.ROPE_TYPES}")
         if self.attention_impl not in DECODER_ATTENTION_IMPLS:
@@ -245,7 +245,7 @@ class MLP(nn.Module):
         gate = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, "gate_proj")(x)
         up = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, "up_proj")(x)
         return _dense(cfg, cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, "down_proj")(
-            _ACTIVATIONS[cfg.hidden_act](gate) * up)
+            ACTIVATIONS[cfg.hidden_act](gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -304,3 +304,12 @@ class DecoderModel(nn.Module):
                  token_type_ids: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         del token_type_ids, deterministic  # no segments, no dropout
         return _Backbone(self.config, name="model")(input_ids, attention_mask)
+
+
+FAMILY = families.register(families.Family(
+    name="decoder", model_types=DECODER_MODEL_TYPES, config_class=DecoderConfig, module=DecoderModel,
+    torch_to_flax=hf_decoder_io.torch_to_flax, flax_to_torch=hf_decoder_io.flax_to_torch,
+    lora_linears=LORA_LINEARS, lora_default_targets=LORA_DEFAULT_TARGETS,
+    default_pooling="last", causal=True, lm_embedding=("model", "embed_tokens", "embedding"),
+    hf_architectures={"llama": "LlamaModel", "qwen2": "Qwen2Model", "qwen3": "Qwen3Model"},
+    base_model_scope="model"))

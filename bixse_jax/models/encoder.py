@@ -1,4 +1,4 @@
-"""A sentence encoder: the BERT-family or decoder module, pooling and optional L2 normalisation, as one call."""
+"""A sentence encoder: a model family's module, pooling and optional L2 normalisation, as one call."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ class SentenceEncoder:
     def module(self) -> nn.Module:
         return architectures.module(self.config)
 
-    def param_axes(self) -> dict | None:
-        """Logical axis names of every parameter (decoders), or None (parallel.py guesses BERT's)."""
+    def param_axes(self) -> dict:
+        """Logical axis names of every parameter, as the module declares them."""
         return architectures.param_axes(self.config)
 
     def __call__(self, params: dict, input_ids: jax.Array, attention_mask: jax.Array, *,

@@ -1,12 +1,9 @@
 """HuggingFace and sentence-transformers folders: config, weights, pooling settings.
 
-PyTorch checkpoints name tensors `encoder.layer.0.attention.self.query.weight` and store dense
-kernels as [out, in]; HF's Flax layout names them `encoder/layer/0/attention/self/query/kernel`
-as [in, out]. `torch_to_flax` does that renaming and transposing, and loading checks the result
-against the module's own parameter shapes so a wrong architecture fails loudly, not silently.
-
-Decoder LLMs (llama, qwen2, qwen3) and ModernBERT keep transformers' names instead
-(hf_decoder_io.py, modernbert.torch_to_flax).
+Each model family renames transformers' tensor names its own way (its `Family` record's
+torch_to_flax / flax_to_torch: hf_bert_io.py, hf_decoder_io.py, modernbert.torch_to_flax); loading
+checks the result against the module's own parameter shapes so a wrong architecture fails loudly,
+not silently.
 
 Weights are read from `model.safetensors` or its shards (`model.safetensors.index.json`; PyTorch
 names, float32/bfloat16/float16, read as float32) or, failing that, from HF's Flax files
@@ -27,12 +24,10 @@ import numpy as np
 from flax import traverse_util
 
 from bixse_jax.errors import UserError
-from bixse_jax.models import architectures, hf_decoder_io
+from bixse_jax.models import architectures, families, hf_decoder_io
 from bixse_jax.models.architectures import ModelConfig
+from bixse_jax.models.hf_bert_io import flax_to_torch  # BERT's names: HF's Flax files use its tree
 
-# Tensors that exist in HF checkpoints but play no part in a sentence encoder.
-_IGNORED_PREFIXES = ("pooler.", "cls.", "lm_head.", "embeddings.position_ids")
-_MODEL_PREFIXES = ("bert.", "roberta.", "xlm-roberta.", "model.")
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 FLAX_WEIGHTS_NAME = "flax_model.msgpack"
@@ -91,7 +86,7 @@ def resolve_model_dir(name_or_path: str | pathlib.Path) -> pathlib.Path:
 
 
 def load_config(model_dir: pathlib.Path, **overrides: Any) -> ModelConfig:
-    """The architecture in config.json: a BERT-family EncoderConfig, a ModernBertConfig or a DecoderConfig."""
+    """The architecture in config.json: the config of the family that reads its model_type (families.py)."""
     path = model_dir / "config.json"
     if not path.is_file():
         raise ModelLoadError(f"{model_dir}: no config.json in the model folder")
@@ -104,50 +99,16 @@ def load_config(model_dir: pathlib.Path, **overrides: Any) -> ModelConfig:
         raise ModelLoadError(f"{path}: {e}") from e
 
 
-def torch_to_flax(name: str, array: np.ndarray) -> tuple[tuple[str, ...], np.ndarray] | None:
-    """One PyTorch tensor -> (HF Flax path, array), or None for tensors a sentence encoder ignores."""
-    for prefix in _MODEL_PREFIXES:
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-            break
-    if name.startswith(_IGNORED_PREFIXES):
-        return None
-    *parents, leaf = name.split(".")
-    if leaf in ("gamma", "beta"):  # very old BERT checkpoints
-        leaf = "weight" if leaf == "gamma" else "bias"
-    if leaf == "weight":
-        if parents and parents[-1] == "LayerNorm":
-            leaf = "scale"
-        elif parents and parents[-1].endswith("_embeddings"):
-            leaf = "embedding"
-        else:
-            leaf, array = "kernel", array.T
-    return tuple(parents) + (leaf,), array
-
-
-def flax_to_torch(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    """The inverse of `torch_to_flax`: HF Flax tree -> PyTorch tensor names and [out, in] kernels."""
-    out = {}
-    for path, array in traverse_util.flatten_dict(params).items():
-        *parents, leaf = path
-        array = np.asarray(array, dtype=np.float32)
-        if leaf == "kernel":
-            leaf, array = "weight", array.T
-        elif leaf in ("scale", "embedding"):
-            leaf = "weight"
-        out[prefix + ".".join([*parents, leaf])] = np.ascontiguousarray(array)
-    return out
-
-
 def save_pretrained(out_dir: str | pathlib.Path, config: ModelConfig, params: dict) -> pathlib.Path:
     """A minimal HF folder (config.json + model.safetensors) that `load_pretrained` reads back."""
     from safetensors.numpy import save_file
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf = {"architectures": ["BertModel" if config.model_type == "bert" else "XLMRobertaModel"
-                            if config.model_type == "xlm-roberta" else "RobertaModel"], **config.to_hf_dict()}
+    family = families.of(config)
+    architecture = family.hf_architectures.get(config.model_type)
+    hf = {**({"architectures": [architecture]} if architecture else {}), **config.to_hf_dict()}
     (out_dir / "config.json").write_text(json.dumps(hf, indent=2))
-    save_file(flax_to_torch(params), str(out_dir / "model.safetensors"))
+    save_file(family.flax_to_torch(params), str(out_dir / "model.safetensors"))
     return out_dir
 
 
@@ -210,7 +171,7 @@ def read_tensor(model_dir: pathlib.Path, name: str) -> np.ndarray | None:
 
 def convert_weights(weights: dict[str, np.ndarray], config: ModelConfig, source: str) -> dict:
     """Rename, transpose and check against the module's parameter shapes; nested float32 params."""
-    rename = architectures.torch_to_flax(config) or torch_to_flax
+    rename = families.of(config).torch_to_flax
     flat: dict[tuple[str, ...], np.ndarray] = {}
     for name, array in weights.items():
         converted = rename(name, array)
@@ -396,19 +357,18 @@ def save_flax_weights(out_dir: pathlib.Path, params: dict, max_shard_size: int |
     return [FLAX_WEIGHTS_INDEX_NAME, *names]
 
 
-def save_torch_weights(out_dir: pathlib.Path, params: dict) -> str:
-    """model.safetensors with PyTorch names and [out, in] kernels, marked as a PyTorch file."""
+def save_torch_weights(out_dir: pathlib.Path, params: dict, rename=flax_to_torch) -> str:
+    """model.safetensors with PyTorch names (`rename`: a family's flax_to_torch) and [out, in] kernels,
+    marked as a PyTorch file."""
     from safetensors.numpy import save_file
-    save_file(flax_to_torch(params), str(out_dir / SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(rename(params), str(out_dir / SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
     return SAFE_WEIGHTS_NAME
 
 
 def save_native_torch_weights(out_dir: pathlib.Path, params: dict) -> str:
     """model.safetensors as transformers writes it, for the families whose tree keeps its names: decoders
     (`model.layers.0.self_attn.q_proj.weight`, ...) and ModernBERT (`layers.0.attn.Wqkv.weight`, ...)."""
-    from safetensors.numpy import save_file
-    save_file(hf_decoder_io.flax_to_torch(params), str(out_dir / SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
-    return SAFE_WEIGHTS_NAME
+    return save_torch_weights(out_dir, params, hf_decoder_io.flax_to_torch)
 
 
 def read_pooler(model_dir: pathlib.Path) -> dict | None:

@@ -27,8 +27,8 @@ import numpy as np
 from flax import linen as nn
 
 from bixse_jax.errors import ConfigError
-from bixse_jax.models import lora, rope
-from bixse_jax.models.bert import (_ACTIVATIONS, REMAT_POLICIES, attention_einsum, check_compute_settings,
+from bixse_jax.models import families, hf_decoder_io, lora, rope
+from bixse_jax.models.bert import (ACTIVATIONS, REMAT_POLICIES, attention_einsum, check_compute_settings,
                                    dense_dtype_and_dot, shard_batch)
 from bixse_jax.models.decoder import attend
 
@@ -85,9 +85,9 @@ class ModernBertConfig:
         if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(LAYER_TYPES):
             raise ConfigError(f"layer_types {list(self.layer_types)} must name one of {LAYER_TYPES} "
                               f"for each of the {self.num_hidden_layers} layers")
-        if self.hidden_activation not in _ACTIVATIONS:
+        if self.hidden_activation not in ACTIVATIONS:
             raise ConfigError(f"hidden_activation {self.hidden_activation!r} is not supported; "
-                              f"supported: {sorted(_ACTIVATIONS)}")
+                              f"supported: {sorted(ACTIVATIONS)}")
         if self.attention_impl not in MODERNBERT_ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl {self.attention_impl!r} is not one of {MODERNBERT_ATTENTION_IMPLS} "
                               f"for modernbert (cuDNN's lengths cannot express a sliding window)")
@@ -204,7 +204,7 @@ class MLP(nn.Module):
         h = _dense(cfg, 2 * cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, "Wi")(x)
         inp, gate = h[..., :cfg.intermediate_size], h[..., cfg.intermediate_size:]
         return _dense(cfg, cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, "Wo")(
-            _ACTIVATIONS[cfg.hidden_activation](inp) * gate)
+            ACTIVATIONS[cfg.hidden_activation](inp) * gate)
 
 
 class EncoderLayer(nn.Module):
@@ -287,3 +287,11 @@ def torch_to_flax(name: str, array: np.ndarray) -> tuple[tuple[str, ...], np.nda
     elif leaf == "weight" and parents and parents[-1] in ("Wqkv", "Wo", "Wi"):
         leaf, array = "kernel", array.T
     return tuple(parents) + (leaf,), array
+
+
+# Its tree keeps transformers' names, so the decoders' inverse renaming (kernel -> weight) serves it too.
+FAMILY = families.register(families.Family(
+    name="modernbert", model_types=MODERNBERT_MODEL_TYPES, config_class=ModernBertConfig, module=ModernBertModel,
+    torch_to_flax=torch_to_flax, flax_to_torch=hf_decoder_io.flax_to_torch,
+    lora_linears=LORA_LINEARS, lora_default_targets=LORA_DEFAULT_TARGETS,
+    hf_architectures={"modernbert": "ModernBertModel"}))

@@ -18,7 +18,7 @@ import pathlib
 from typing import Any
 
 from bixse_jax.data.tokenizer import Tokenizer
-from bixse_jax.models import architectures, hf_io, lora
+from bixse_jax.models import architectures, families, hf_io, lora
 from bixse_jax.models.encoder import SentenceEncoder
 from bixse_jax.models.pooling import POOLING_MODES
 
@@ -58,15 +58,15 @@ def load_encoder(name_or_path: str | os.PathLike, *, pooling: str | None = None,
 
     Pooling, normalisation and the query prompt come from, in this order: the arguments, the
     folder's bixse.json, its sentence-transformers modules, the defaults (normalised, no prompt;
-    mean pooling for BERT-family encoders, last-token for decoder LLMs).
+    the family's default pooling: mean for encoders, last-token for decoder LLMs).
     `config_overrides` (dtype, remat, attention_impl, hidden_dropout_prob; bidirectional for
-    decoders) go to the model config. Decoders whose tokenizer has no pad token pad with their
-    config's pad_token_id, else eos_token_id (padding is masked, so only a valid id matters);
+    decoders) go to the model config. A causal family's model (a decoder) whose tokenizer has no pad
+    token pads with its config's pad_token_id, else eos_token_id (padding is masked, so only a valid id matters);
     `append_eos` puts that eos after every text, for last-token pooling when the tokenizer adds none.
     """
     config, params, model_dir = hf_io.load_pretrained(name_or_path, **config_overrides)
-    decoder = architectures.is_decoder(config)
-    settings = hf_io.read_sentence_settings(model_dir, default_pooling="last" if decoder else "mean")
+    family = families.of(config)
+    settings = hf_io.read_sentence_settings(model_dir, default_pooling=family.default_pooling)
     sidecar = read_sidecar(model_dir)
     if sidecar:
         settings = dataclasses.replace(settings, pooling=sidecar["pooling"], normalize=sidecar["normalize"],
@@ -78,7 +78,7 @@ def load_encoder(name_or_path: str | os.PathLike, *, pooling: str | None = None,
     if append_eos and eos is None:
         raise hf_io.ModelLoadError(f"{model_dir}: model.append_eos needs an eos_token_id in config.json "
                                    f"({config.model_type} models only)")
-    fallback_pad = (config.pad_token_id if config.pad_token_id is not None else eos) if decoder else None
+    fallback_pad = (config.pad_token_id if config.pad_token_id is not None else eos) if family.causal else None
     tokenizer = Tokenizer.from_model_dir(model_dir, fallback_pad_id=fallback_pad,
                                          append_id=eos if append_eos else None)
     tokenizer.check_vocab(config.vocab_size, source=str(model_dir))
