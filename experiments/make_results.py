@@ -212,11 +212,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--marker", default="results-table", help="the table goes between <!-- NAME --> and <!-- /NAME -->")
     args = parser.parse_args(argv)
     results = [r for path in args.results for r in read_results(path)]
-    block = "\n".join([markdown(results), "t and b at the end of training (mean over seeds and folds, and range):\n",
-                       logit_params_markdown(results),
-                       "Learning-rate selection (seed 0, dev data only):\n", selection_markdown(results),
-                       "TREC-DL 2019 per held-out fold (nDCG@10):\n", folds_markdown(results),
-                       "Runs behind these numbers:\n", runs_markdown(results)])
+    finished = [r for r in results if "value" in r]
+    parts = [markdown(results), "t and b at the end of training (mean over seeds and folds, and range):\n",
+             logit_params_markdown(results)]
+    if any(r.get("phase") == "select" for r in finished):  # a sweep given its rates (--chosen) has none
+        parts += ["Learning-rate selection (seed 0, dev data only):\n", selection_markdown(results)]
+    if any(r.get("phase") == "test" and r["dataset"] == "trecdl" for r in finished):
+        parts += ["TREC-DL 2019 per held-out fold (nDCG@10):\n", folds_markdown(results)]
+    block = "\n".join(parts + ["Runs behind these numbers:\n", runs_markdown(results)])
     print(block)
     if args.md:
         md = pathlib.Path(args.md)

@@ -263,3 +263,22 @@ def test_logit_param_curves_read_metrics_and_summarise_the_last_quarter(tmp_path
     assert result["bixse"]["labelled_prob"]["last"] == pytest.approx(0.4) and result["bixse"]["labelled_target"]["first"] == 0.5
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "c.json").read_text()) == result
+
+
+def test_report_leaves_out_the_sections_it_has_no_runs_for(tmp_path, capsys):
+    """A sweep given its rates (--chosen) on STS-B alone has no selection and no TREC-DL folds to show."""
+    report = _load("make_results")
+    run = {"dataset": "stsb", "variant": "BiXSE", "seed": 0, "learning_rate": 3e-5, "phase": "test", "fold": None,
+           "value": 0.84, "metrics": {"spearman": 0.84, "ece": 0.1}, "log_temperature": 2.5, "bias": -9.4,
+           "wall_s": 10.0, "device": "cpu"}
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps(run) + "\n")
+    md = tmp_path / "doc.md"
+    md.write_text("before\n<!-- t -->\nSTALE TABLE\n<!-- /t -->\nafter\n")
+    report.main([str(results), "--md", str(md), "--marker", "t"])
+    text = md.read_text()
+    assert "| BiXSE | **0.8400 (n=1)** |" in text and "STALE TABLE" not in text and text.startswith("before") and "after" in text
+    assert "Learning-rate selection" not in text and "TREC-DL 2019 per held-out fold" not in text
+    results.write_text(json.dumps(run) + "\n" + json.dumps({**run, "phase": "select", "value": 0.85}) + "\n")
+    report.main([str(results), "--md", str(md), "--marker", "t"])
+    assert "Learning-rate selection" in md.read_text() and "TREC-DL 2019 per held-out fold" not in md.read_text()
