@@ -54,9 +54,12 @@ def init_mode(loss_cfg: ml_collections.ConfigDict) -> str:
     """`loss.init_logit_params` resolved: `auto` fits (t, b) where the loss has the logistic optimum and
     one of them is learnable, and is `fixed` elsewhere (nothing to fit)."""
     check(loss_cfg)
-    fits = (loss_cfg.init_logit_params == "auto" and losses.get(loss_cfg.name).logistic_optimum
-            and (loss_cfg.learn_temperature or loss_cfg.learn_bias))
-    return "auto" if fits else "fixed"
+    return "auto" if loss_cfg.init_logit_params == "auto" and _has_fit(loss_cfg) else "fixed"
+
+
+def _has_fit(loss_cfg: ml_collections.ConfigDict) -> bool:
+    """The loss has the logistic optimum over (t, b) and one of them is learnable: `auto` fits."""
+    return losses.get(loss_cfg.name).logistic_optimum and bool(loss_cfg.learn_temperature or loss_cfg.learn_bias)
 
 
 def check(loss_cfg: ml_collections.ConfigDict) -> None:
@@ -174,10 +177,11 @@ _LINE_SEARCH = 2.0 ** -np.arange(12)  # step sizes a Newton step may be cut to
 def follow_mode(loss_cfg: ml_collections.ConfigDict) -> str:
     """`loss.follow_logit_params` resolved: `auto` is `refit` for a loss with the logistic optimum
     (BiXSE) and `adam` for the others (their t and b, if they read them at all, have no such fit),
-    and `adam` with Matryoshka prefixes (one t and b serve every width; the fit is of one)."""
+    with both t and b frozen (nothing to refit), and with Matryoshka prefixes (one t and b serve
+    every width; the fit is of one)."""
     check_follow(loss_cfg)
     if loss_cfg.follow_logit_params == "auto":
-        can_refit = losses.get(loss_cfg.name).logistic_optimum and not tuple(loss_cfg.get("matryoshka_dims", ()))
+        can_refit = _has_fit(loss_cfg) and not tuple(loss_cfg.get("matryoshka_dims", ()))
         return "refit" if can_refit else "adam"
     return loss_cfg.follow_logit_params
 

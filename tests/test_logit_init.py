@@ -202,6 +202,9 @@ def test_auto_follow_refits_bixse_and_leaves_the_others_to_adam():
     cfg.name = "infonce"
     assert logit_init.follow_mode(cfg) == "adam"
     step_lib.make_objective(cfg, None)  # auto is accepted for a loss without the optimum
+    frozen = base_config().loss
+    frozen.learn_temperature, frozen.learn_bias = False, False
+    assert logit_init.follow_mode(frozen) == "adam"  # nothing to refit: no fit on every step
 
 
 def test_refit_with_matryoshka_prefixes_is_refused_and_auto_takes_adam():
